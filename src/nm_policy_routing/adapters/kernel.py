@@ -1,0 +1,69 @@
+"""The live kernel, as the reconcile loop sees it: netlink + nftables + sysctl in one object."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Set
+
+from ..model import ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
+from . import sysctl
+from .netlink import Netlink
+from .nftables import Nftables
+
+
+class LiveKernel:
+    """Reads and writes what is ours in the current network namespace."""
+
+    def __init__(self) -> None:
+        self.netlink = Netlink()
+        self.nft = Nftables()
+        self.nft_exists = False
+        self.nft_intact = True
+
+    def close(self) -> None:
+        self.netlink.close()
+
+    def read(self, sysctl_slots: Iterable[str]) -> KernelState:
+        marks, self.nft_intact, self.nft_exists = self.nft.our_marks()
+        return KernelState(
+            frozenset(self.netlink.our_rules()),
+            frozenset(self.netlink.our_routes()),
+            frozenset(marks),
+            frozenset(self.read_sysctls(sysctl_slots)),
+        )
+
+    @staticmethod
+    def read_sysctls(slots: Iterable[str]) -> Set[Sysctl]:
+        out = set()
+        for slot in slots:
+            family, iface, key = slot.split("/")
+            value = sysctl.read(family, iface, key)
+            if value is not None:
+                out.add(Sysctl(family, iface, key, value))
+        return out
+
+    def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]:
+        return sysctl.read(family, iface, key)
+
+    def foreign(self) -> ForeignUsage:
+        usage = self.netlink.foreign_usage()
+        return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(self.nft.foreign_marks()))
+
+    def write_sysctl(self, entry: Sysctl) -> None:
+        sysctl.write(entry)
+
+    def add_route(self, route: Route) -> None:
+        self.netlink.add_route(route)
+
+    def del_route(self, route: Route) -> None:
+        self.netlink.del_route(route)
+
+    def add_rule(self, rule: Rule) -> None:
+        self.netlink.add_rule(rule)
+
+    def del_rule(self, rule: Rule) -> None:
+        self.netlink.del_rule(rule)
+
+    def set_marks(self, marks: Iterable[Mark]) -> None:
+        self.nft.replace(marks, self.nft_exists)
+        self.nft_exists = bool(set(marks))
+        self.nft_intact = True

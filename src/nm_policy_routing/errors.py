@@ -1,0 +1,61 @@
+"""The one exception tree: every failure says what happened, to what, and what to do."""
+
+from __future__ import annotations
+
+
+class PolicyRoutingError(Exception):
+    """Base of everything this package raises on purpose."""
+
+    exit_code = 1
+
+
+class PolicyError(PolicyRoutingError):
+    """A connection's policy is invalid; carries every problem found at once."""
+
+    exit_code = 65
+
+    def __init__(self, connection: str, problems: "list[str]") -> None:
+        self.connection = connection
+        self.problems = list(problems)
+        joined = "\n  - ".join(self.problems)
+        super().__init__(
+            f"connection {connection!r}: invalid nm-policy-routing policy, nothing was "
+            f"installed for it:\n  - {joined}"
+        )
+
+
+class ConflictError(PolicyRoutingError):
+    """What a policy asks for is already used by someone else in the kernel."""
+
+    exit_code = 1
+
+    def __init__(self, connection: str, problems: "list[str]") -> None:
+        self.connection = connection
+        self.problems = list(problems)
+        joined = "\n  - ".join(self.problems)
+        super().__init__(
+            f"connection {connection!r}: conflicts with state that is not ours, nothing "
+            f"was installed for it:\n  - {joined}"
+        )
+
+
+class KernelError(PolicyRoutingError):
+    """The kernel refused a change; what was applied in that step was rolled back."""
+
+    exit_code = 1
+
+
+class VerifyError(KernelError):
+    """After applying, the kernel did not hold what we applied."""
+
+
+class NotPermittedError(PolicyRoutingError):
+    """The caller lacks the privilege (CAP_NET_ADMIN, or NetworkManager's authorization)."""
+
+    exit_code = 77
+
+
+class NetworkManagerError(PolicyRoutingError):
+    """NetworkManager could not be asked, or refused."""
+
+    exit_code = 1

@@ -1,0 +1,275 @@
+"""Plain frozen data shared by the core: connection facts, policies, kernel entries.
+
+Kernel entries are canonical and hashable so that a diff is set arithmetic.
+Nothing here does I/O or imports an adapter.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import FrozenSet, Mapping, Optional, Tuple
+
+PREFIX = "nm-policy-routing."
+
+#: The rule/route protocol number that tags what is ours (named in rt_protos.d).
+RT_PROTO = 214
+RT_PROTO_NAME = "nm-policy-routing"
+
+#: The mark bits ``fwmark=auto`` allocates inside (8 bits: 255 connections).
+#: Chosen clear of Tailscale (0x00ff0000), kube-proxy (0xc000), mwan3 (0x3f00)
+#: and WireGuard's 51820 (0xca6c); it overlaps Calico (0xffff0000), which is
+#: detected and reported.
+AUTO_MARK_MASK = 0xFF000000
+AUTO_TABLE_RANGE = (10000, 19999)
+AUTO_PRIORITY_RANGE = (10000, 19999)
+
+NFT_TABLE = "nm_policy_routing"
+
+MATCH_KINDS = ("incoming", "source", "outgoing")
+FAMILIES = {4: "ipv4", 6: "ipv6"}
+
+
+@dataclass(frozen=True)
+class Address:
+    """One interface address: ``ip`` in canonical text, with its prefix length."""
+
+    ip: str
+    prefixlen: int
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.ip else 4
+
+    @property
+    def network(self) -> str:
+        return str(ipaddress.ip_interface(f"{self.ip}/{self.prefixlen}").network)
+
+    @property
+    def link_local(self) -> bool:
+        return ipaddress.ip_address(self.ip).is_link_local
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        iface = ipaddress.ip_interface(text.strip())
+        return cls(str(iface.ip), iface.network.prefixlen)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What the planner needs to know of one active connection."""
+
+    uuid: str
+    id: str
+    iface: str
+    addresses: Tuple[Address, ...] = ()
+    gateway4: Optional[str] = None
+    gateway6: Optional[str] = None
+    #: the connection's ``user`` data (all keys; the policy parser picks ours)
+    user_data: Tuple[Tuple[str, str], ...] = ()
+
+    def addresses_of(self, family: int) -> Tuple[Address, ...]:
+        return tuple(a for a in self.addresses if a.family == family)
+
+    def gateway_of(self, family: int) -> Optional[str]:
+        return self.gateway4 if family == 4 else self.gateway6
+
+    @property
+    def user(self) -> Mapping[str, str]:
+        return dict(self.user_data)
+
+    @property
+    def label(self) -> str:
+        return f"{self.id} ({self.uuid})" if self.id and self.id != self.uuid else self.uuid
+
+
+@dataclass(frozen=True)
+class Fwmark:
+    value: int
+    mask: int
+
+    def __str__(self) -> str:
+        if self.value < 0:
+            return f"bits 0x{self.mask:x}"
+        return f"0x{self.value:x}/0x{self.mask:x}"
+
+    def overlaps(self, other: "Fwmark") -> bool:
+        """True when a packet carrying one of the marks could match the other.
+
+        A value of -1 stands for "writes these bits, any value" (a foreign nft rule).
+        """
+        common = self.mask & other.mask
+        if not common:
+            return False
+        if self.value < 0 or other.value < 0:
+            return True
+        return (self.value & common) == (other.value & common)
+
+
+@dataclass(frozen=True)
+class ExtraRoute:
+    prefix: str
+    via: Optional[str] = None
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.prefix else 4
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. ``None`` for table/fwmark/priority means ``auto``."""
+
+    enable: bool = False
+    table: Optional[int] = None
+    fwmark: Optional[Fwmark] = None
+    priority: Optional[int] = None
+    match: FrozenSet[str] = frozenset({"incoming"})
+    src_valid_mark: bool = True
+    rp_filter: str = "keep"
+    family: str = "both"
+    routes: Tuple[ExtraRoute, ...] = ()
+
+    def wants_family(self, family: int) -> bool:
+        return self.family == "both" or self.family == FAMILIES[family]
+
+    @property
+    def uses_marks(self) -> bool:
+        return bool(self.match & {"incoming", "outgoing"})
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a connection's auto values resolved to."""
+
+    table: int
+    priority: int
+    fwmark: Optional[Fwmark] = None
+
+
+# ---- kernel entries ------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Rule:
+    family: int
+    priority: int
+    table: int
+    fwmark: int = 0
+    fwmask: int = 0
+    src: Optional[str] = None
+    src_len: int = 0
+
+    def __str__(self) -> str:
+        sel = []
+        if self.src:
+            sel.append(f"from {self.src}/{self.src_len}")
+        if self.fwmask:
+            sel.append(f"fwmark 0x{self.fwmark:x}/0x{self.fwmask:x}")
+        return f"-{self.family} rule priority {self.priority} {' '.join(sel) or 'all'} table {self.table}"
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    family: int
+    table: int
+    dst: str
+    oif: str
+    gateway: Optional[str] = None
+    prefsrc: Optional[str] = None
+
+    def __str__(self) -> str:
+        via = f" via {self.gateway}" if self.gateway else ""
+        src = f" src {self.prefsrc}" if self.prefsrc else ""
+        return f"-{self.family} route {self.dst}{via} dev {self.oif}{src} table {self.table}"
+
+
+@dataclass(frozen=True, order=True)
+class Mark:
+    """nft marking: packets arriving on (incoming) / flows leaving by (outgoing) ``iface``."""
+
+    direction: str
+    iface: str
+    value: int
+    mask: int
+
+    def __str__(self) -> str:
+        return f"nft {self.direction} {self.iface} -> mark 0x{self.value:x}/0x{self.mask:x}"
+
+
+@dataclass(frozen=True, order=True)
+class Sysctl:
+    """``/proc/sys/net/<family>/conf/<iface>/<key>`` = value."""
+
+    family: str
+    iface: str
+    key: str
+    value: int
+
+    @property
+    def name(self) -> str:
+        return f"net.{self.family}.conf.{self.iface}.{self.key}"
+
+    @property
+    def slot(self) -> Tuple[str, str, str]:
+        return (self.family, self.iface, self.key)
+
+    def __str__(self) -> str:
+        return f"sysctl {self.name}={self.value}"
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """A set of kernel entries: desired (from the planner) or current (read back)."""
+
+    rules: FrozenSet[Rule] = frozenset()
+    routes: FrozenSet[Route] = frozenset()
+    marks: FrozenSet[Mark] = frozenset()
+    sysctls: FrozenSet[Sysctl] = frozenset()
+
+    def __or__(self, other: "KernelState") -> "KernelState":
+        return KernelState(
+            self.rules | other.rules,
+            self.routes | other.routes,
+            self.marks | other.marks,
+            self.sysctls | other.sysctls,
+        )
+
+    def __sub__(self, other: "KernelState") -> "KernelState":
+        return KernelState(
+            self.rules - other.rules,
+            self.routes - other.routes,
+            self.marks - other.marks,
+            self.sysctls - other.sysctls,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.rules or self.routes or self.marks or self.sysctls)
+
+    def entries(self) -> list:
+        return [*sorted(self.sysctls), *sorted(self.routes), *sorted(self.rules), *sorted(self.marks)]
+
+
+@dataclass(frozen=True)
+class ForeignUsage:
+    """What others already use in the kernel: the planner avoids it and reports clashes."""
+
+    #: (family, table) holding routes that are not ours
+    tables: FrozenSet[Tuple[int, int]] = frozenset()
+    #: (family, priority) holding rules that are not ours
+    priorities: FrozenSet[Tuple[int, int]] = frozenset()
+    #: mark bits used by foreign rules or nft tables, with who uses them
+    marks: Tuple[Tuple[Fwmark, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectionPlan:
+    """The planner's answer for one connection."""
+
+    connection: Connection
+    policy: Optional[Policy]
+    allocation: Optional[Allocation] = None
+    state: KernelState = field(default_factory=KernelState)
+    errors: Tuple[str, ...] = ()
+    #: "applied" (ok), "disabled", "invalid" (policy errors), "conflict"
+    status: str = "ok"

@@ -1,0 +1,259 @@
+"""Pure builders and parsers for our nftables table, in libnftables JSON.
+
+Layout of ``table inet nm_policy_routing`` (one map lookup per packet per job):
+
+    chain prerouting  (filter, prerouting, mangle)
+        ct mark & M vmap @restore_M            # a flow we marked: mark its packets again
+        fib daddr type local iifname vmap @incoming
+    chain output      (route, output, mangle)  # 'route' so a changed mark re-routes
+        meta mark & M == 0 ct mark & M vmap @restore_M
+        meta mark 0 ct mark & U == 0 oifname vmap @outgoing
+    chain set_V_M:      meta mark and ct mark bits M := V   (others kept)
+    chain restore_V_M:  meta mark bits M := V
+
+M is each mask in use (usually one), U their union. Bits outside M are never
+changed. A packet that already carries a mark (its owner's SO_MARK) is never
+captured by ``outgoing``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+
+from .model import NFT_TABLE, Fwmark, Mark
+
+U32 = 0xFFFFFFFF
+FAMILY = "inet"
+
+
+def _obj(kind: str, **fields: Any) -> Dict[str, Any]:
+    return {kind: {"family": FAMILY, "table": NFT_TABLE, **fields}}
+
+
+def _mark_expr(key: str, value: int, mask: int) -> Dict[str, Any]:
+    if mask == U32:
+        new: Any = value
+    else:
+        new = {"|": [{"&": [{key: {"key": "mark"}}, ~mask & U32]}, value]}
+    return {"mangle": {"key": {key: {"key": "mark"}}, "value": new}}
+
+
+def _masked(key: str, mask: int) -> Dict[str, Any]:
+    if mask == U32:
+        return {key: {"key": "mark"}}
+    return {"&": [{key: {"key": "mark"}}, mask]}
+
+
+def _eq(left: Any, right: Any) -> Dict[str, Any]:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def set_chain(mark: Fwmark) -> str:
+    return f"set_{mark.value:08x}_{mark.mask:08x}"
+
+
+def restore_chain(mark: Fwmark) -> str:
+    return f"restore_{mark.value:08x}_{mark.mask:08x}"
+
+
+def restore_map(mask: int) -> str:
+    return f"restore_{mask:08x}"
+
+
+def _rule(chain: str, *expr: Dict[str, Any]) -> Dict[str, Any]:
+    return _obj("rule", chain=chain, expr=list(expr))
+
+
+def build(marks: Iterable[Mark]) -> List[Dict[str, Any]]:
+    """The commands that create our whole table holding ``marks`` (without the outer wrapper)."""
+    marks = sorted(set(marks))
+    fwmarks = sorted({Fwmark(m.value, m.mask) for m in marks}, key=lambda f: (f.mask, f.value))
+    masks = sorted({f.mask for f in fwmarks})
+    union = 0
+    for mask in masks:
+        union |= mask
+    cmds: List[Dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": NFT_TABLE}}}]
+    add = lambda obj: cmds.append({"add": obj})  # noqa: E731
+    for fw in fwmarks:
+        add(_obj("chain", name=set_chain(fw)))
+        add(_rule(set_chain(fw), _mark_expr("meta", fw.value, fw.mask), _mark_expr("ct", fw.value, fw.mask)))
+        add(_obj("chain", name=restore_chain(fw)))
+        add(_rule(restore_chain(fw), _mark_expr("meta", fw.value, fw.mask)))
+    for mask in masks:
+        add(_obj("map", name=restore_map(mask), type="mark", map="verdict"))
+        elems = [[fw.value, {"jump": {"target": restore_chain(fw)}}] for fw in fwmarks if fw.mask == mask]
+        add(_obj("element", name=restore_map(mask), elem=elems))
+    for direction in ("incoming", "outgoing"):
+        add(_obj("map", name=direction, type="ifname", map="verdict"))
+        elems = [[m.iface, {"jump": {"target": set_chain(Fwmark(m.value, m.mask))}}]
+                 for m in marks if m.direction == direction]
+        if elems:
+            add(_obj("element", name=direction, elem=elems))
+    add(_obj("chain", name="prerouting", type="filter", hook="prerouting", prio=-150, policy="accept"))
+    add(_obj("chain", name="output", type="route", hook="output", prio=-150, policy="accept"))
+    for mask in masks:
+        add(_rule("prerouting", {"vmap": {"key": _masked("ct", mask), "data": f"@{restore_map(mask)}"}}))
+    add(_rule("prerouting",
+              _eq({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
+              {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@incoming"}}))
+    for mask in masks:
+        add(_rule("output", _eq(_masked("meta", mask), 0),
+                  {"vmap": {"key": _masked("ct", mask), "data": f"@{restore_map(mask)}"}}))
+    if union:
+        add(_rule("output", _eq({"meta": {"key": "mark"}}, 0), _eq(_masked("ct", union), 0),
+                  {"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@outgoing"}}))
+    return cmds
+
+
+def replace_table(marks: Iterable[Mark], exists: bool) -> Dict[str, Any]:
+    """One transaction: drop our table (if there) and create it anew with ``marks``."""
+    cmds: List[Dict[str, Any]] = []
+    if exists:
+        cmds.append({"delete": {"table": {"family": FAMILY, "name": NFT_TABLE}}})
+    cmds.extend(build(marks))
+    return {"nftables": cmds}
+
+
+def delete_table() -> Dict[str, Any]:
+    return {"nftables": [{"delete": {"table": {"family": FAMILY, "name": NFT_TABLE}}}]}
+
+
+# ---- reading back ----------------------------------------------------------
+
+
+def _mangle_mark(stmt: Dict[str, Any], key: str) -> Optional[Fwmark]:
+    """(value, mask) of ``KEY mark set KEY mark & ~M | V`` or ``KEY mark set V``."""
+    mangle = stmt.get("mangle")
+    if not mangle or mangle.get("key") != {key: {"key": "mark"}}:
+        return None
+    value = mangle.get("value")
+    if isinstance(value, int):
+        return Fwmark(value, U32)
+    try:
+        left, val = value["|"]
+        inner, keep = left["&"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if inner != {key: {"key": "mark"}} or not isinstance(val, int) or not isinstance(keep, int):
+        return None
+    # nft folds "& ~M | V" into "& (~M | V) | V": the bits forced are ~keep | val
+    return Fwmark(val, (~keep | val) & U32)
+
+
+def parse_table(listing: Dict[str, Any]) -> Tuple[Set[Mark], bool]:
+    """Our marks as the kernel holds them, and whether the table's skeleton is intact.
+
+    ``listing`` is the JSON of ``list table inet nm_policy_routing``. Anything we
+    cannot recognise makes the table not intact, so reconcile rebuilds it.
+    """
+    chains: Dict[str, List[List[Dict[str, Any]]]] = {}
+    maps: Dict[str, List[Any]] = {}
+    base: Dict[str, Tuple[Any, ...]] = {}
+    for item in listing.get("nftables", []):
+        if "chain" in item:
+            chain = item["chain"]
+            chains.setdefault(chain["name"], [])
+            if "hook" in chain:
+                base[chain["name"]] = (chain.get("type"), chain.get("hook"), chain.get("prio"))
+        elif "rule" in item:
+            rule = item["rule"]
+            chains.setdefault(rule["chain"], []).append(rule.get("expr", []))
+        elif "map" in item:
+            m = item["map"]
+            maps[m["name"]] = m.get("elem", [])
+    marks: Set[Mark] = set()
+    intact = True
+    for direction in ("incoming", "outgoing"):
+        for elem in maps.get(direction, []):
+            try:
+                iface, verdict = elem
+                target = verdict["jump"]["target"]
+            except (KeyError, TypeError, ValueError):
+                intact = False
+                continue
+            fw = _chain_mark(chains.get(target, []), both=True)
+            if fw is None or target != set_chain(fw):
+                intact = False
+                continue
+            marks.add(Mark(direction, iface, fw.value, fw.mask))
+    expected = parse_expected(marks)
+    if base != expected["base"] or {k: len(v) for k, v in chains.items()} != expected["rules"]:
+        intact = False
+    for name, elems in maps.items():
+        if name.startswith("restore_"):
+            for elem in elems:
+                try:
+                    value, verdict = elem
+                    fw = _chain_mark(chains.get(verdict["jump"]["target"], []), both=False)
+                except (KeyError, TypeError, ValueError):
+                    fw = None
+                if fw is None or fw.value != value:
+                    intact = False
+    return marks, intact
+
+
+def _chain_mark(rules: List[List[Dict[str, Any]]], both: bool) -> Optional[Fwmark]:
+    if len(rules) != 1:
+        return None
+    stmts = rules[0]
+    meta = _mangle_mark(stmts[0], "meta") if stmts else None
+    if both:
+        ct = _mangle_mark(stmts[1], "ct") if len(stmts) == 2 else None
+        return meta if meta is not None and meta == ct else None
+    return meta if len(stmts) == 1 else None
+
+
+def parse_expected(marks: Iterable[Mark]) -> Dict[str, Any]:
+    """The skeleton (base chains, rule count per chain) our table has for ``marks``."""
+    base: Dict[str, Tuple[Any, ...]] = {}
+    rules: Dict[str, int] = {}
+    for cmd in build(marks):
+        obj = cmd["add"]
+        if "chain" in obj:
+            chain = obj["chain"]
+            rules.setdefault(chain["name"], 0)
+            if "hook" in chain:
+                base[chain["name"]] = (chain["type"], chain["hook"], chain["prio"])
+        elif "rule" in obj:
+            rules[obj["rule"]["chain"]] = rules.get(obj["rule"]["chain"], 0) + 1
+    return {"base": base, "rules": rules}
+
+
+# ---- foreign mark usage ----------------------------------------------------
+
+
+def _touched(value: Any) -> Optional[Fwmark]:
+    """Which mark bits a foreign ``mark set`` writes: exact value, or touched bits (value -1)."""
+    if isinstance(value, int):
+        return Fwmark(value, U32)
+    if isinstance(value, dict):
+        for op in ("|", "^"):
+            if op in value:
+                left, right = value[op]
+                if isinstance(right, int):
+                    return Fwmark(-1, right)
+        if "&" in value:
+            left, right = value["&"]
+            if isinstance(right, int):
+                return Fwmark(-1, ~right & U32)
+    return None
+
+
+def foreign_marks(ruleset: Dict[str, Any]) -> List[Tuple[Fwmark, str]]:
+    """Mark bits that other nft tables write (``meta mark set``/``ct mark set`` with constants)."""
+    found: List[Tuple[Fwmark, str]] = []
+    for item in ruleset.get("nftables", []):
+        rule = item.get("rule")
+        if not rule or (rule.get("family"), rule.get("table")) == (FAMILY, NFT_TABLE):
+            continue
+        for stmt in rule.get("expr", []):
+            mangle = stmt.get("mangle") if isinstance(stmt, dict) else None
+            if not mangle or not isinstance(mangle.get("key"), dict):
+                continue
+            if not any(k in mangle["key"] and mangle["key"][k].get("key") == "mark" for k in ("meta", "ct")):
+                continue
+            fw = _touched(mangle.get("value"))
+            if fw is not None and fw.mask:
+                owner = f"nft table {rule.get('family')} {rule.get('table')} (chain {rule.get('chain')})"
+                found.append((fw, owner))
+    return found

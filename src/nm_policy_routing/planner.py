@@ -1,0 +1,273 @@
+"""The planner: active connections + policies -> the complete desired kernel state.
+
+Pure: plain data in, plain data out, no I/O. ``auto`` tables, priorities and marks
+are deterministic per connection UUID, keep the allocation a connection had before
+(so one connection's arrival never moves another's), and avoid what foreign owners
+use. A connection whose policy is invalid or conflicts gets an error and no entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+from .errors import PolicyError
+from .model import (
+    AUTO_MARK_MASK,
+    AUTO_PRIORITY_RANGE,
+    AUTO_TABLE_RANGE,
+    Address,
+    Allocation,
+    Connection,
+    ConnectionPlan,
+    ForeignUsage,
+    Fwmark,
+    KernelState,
+    Mark,
+    Policy,
+    Route,
+    Rule,
+    Sysctl,
+)
+from .policy import parse_policy
+
+RP_FILTER = {"off": 0, "strict": 1, "loose": 2}
+_IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
+_DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    connections: Tuple[ConnectionPlan, ...] = ()
+
+    @property
+    def desired(self) -> KernelState:
+        state = KernelState()
+        for cp in self.connections:
+            state = state | cp.state
+        return state
+
+    @property
+    def allocations(self) -> Dict[str, Allocation]:
+        return {cp.connection.uuid: cp.allocation for cp in self.connections if cp.allocation}
+
+    def get(self, uuid: str) -> Optional[ConnectionPlan]:
+        return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
+
+
+def _hash(uuid: str, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{uuid}".encode()).digest()[:8], "big")
+
+
+def _probe(uuid: str, salt: str, low: int, high: int, taken: Set[int]) -> Optional[int]:
+    span = high - low + 1
+    start = _hash(uuid, salt) % span
+    for step in range(span):
+        candidate = low + (start + step) % span
+        if candidate not in taken:
+            return candidate
+    return None
+
+
+def _auto_marks() -> List[Fwmark]:
+    shift = (AUTO_MARK_MASK & -AUTO_MARK_MASK).bit_length() - 1
+    count = AUTO_MARK_MASK >> shift
+    return [Fwmark(v << shift, AUTO_MARK_MASK) for v in range(1, count + 1)]
+
+
+@dataclass
+class _Allocator:
+    foreign: ForeignUsage
+    tables: Dict[int, str] = field(default_factory=dict)
+    priorities: Dict[int, str] = field(default_factory=dict)
+    marks: List[Tuple[Fwmark, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.foreign_tables = {t for _, t in self.foreign.tables}
+        self.foreign_priorities = {p for _, p in self.foreign.priorities}
+
+    def mark_clash(self, mark: Fwmark) -> Optional[str]:
+        for other, owner in self.foreign.marks:
+            if other.overlaps(mark):
+                return f"mark bits 0x{other.mask & mark.mask:x} are used by {owner} ({other})"
+        for other, owner in self.marks:
+            if other.overlaps(mark):
+                return f"fwmark {mark} overlaps {other} of connection {owner}"
+        return None
+
+    def explicit(self, label: str, policy: Policy) -> List[str]:
+        problems = []
+        if policy.table is not None:
+            if policy.table in self.foreign_tables:
+                problems.append(f"table {policy.table} already holds routes that are not ours; "
+                                "choose another nm-policy-routing.table or 'auto'")
+            elif policy.table in self.tables:
+                problems.append(f"table {policy.table} is already used by connection "
+                                f"{self.tables[policy.table]}")
+        if policy.priority is not None:
+            if policy.priority in self.foreign_priorities:
+                problems.append(f"rule priority {policy.priority} already holds rules that are not "
+                                "ours; choose another nm-policy-routing.priority or 'auto'")
+            elif policy.priority in self.priorities:
+                problems.append(f"rule priority {policy.priority} is already used by connection "
+                                f"{self.priorities[policy.priority]}")
+        if policy.fwmark is not None and policy.uses_marks:
+            clash = self.mark_clash(policy.fwmark)
+            if clash:
+                problems.append(f"fwmark {policy.fwmark}: {clash}; choose other bits with "
+                                "nm-policy-routing.fwmark")
+        return problems
+
+    def take(self, label: str, policy: Policy, previous: Optional[Allocation],
+             uuid: str) -> Tuple[Optional[Allocation], List[str]]:
+        problems = []
+        table = policy.table
+        if table is None:
+            if previous and previous.table not in self.tables and previous.table not in self.foreign_tables \
+                    and AUTO_TABLE_RANGE[0] <= previous.table <= AUTO_TABLE_RANGE[1]:
+                table = previous.table
+            else:
+                table = _probe(uuid, "table", *AUTO_TABLE_RANGE, set(self.tables) | self.foreign_tables)
+        priority = policy.priority
+        if priority is None:
+            if previous and previous.priority not in self.priorities \
+                    and previous.priority not in self.foreign_priorities \
+                    and AUTO_PRIORITY_RANGE[0] <= previous.priority <= AUTO_PRIORITY_RANGE[1]:
+                priority = previous.priority
+            else:
+                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE,
+                                  set(self.priorities) | self.foreign_priorities)
+        mark = policy.fwmark if policy.uses_marks else None
+        if policy.uses_marks and mark is None:
+            mark = self._auto_mark(uuid, previous, problems)
+        if table is None:
+            problems.append("no free routing table left in the auto range")
+        if priority is None:
+            problems.append("no free rule priority left in the auto range")
+        if problems or table is None or priority is None:
+            return None, problems
+        self.tables[table] = label
+        self.priorities[priority] = label
+        if mark is not None:
+            self.marks.append((mark, label))
+        return Allocation(table, priority, mark), []
+
+    def _auto_mark(self, uuid: str, previous: Optional[Allocation], problems: List[str]) -> Optional[Fwmark]:
+        candidates = _auto_marks()
+        if previous and previous.fwmark in candidates and not self.mark_clash(previous.fwmark):
+            return previous.fwmark
+        start = _hash(uuid, "fwmark") % len(candidates)
+        for step in range(len(candidates)):
+            mark = candidates[(start + step) % len(candidates)]
+            if not self.mark_clash(mark):
+                return mark
+        users = sorted({owner for m, owner in self.foreign.marks if m.mask & AUTO_MARK_MASK})
+        users += [owner for _, owner in self.marks]
+        problems.append(
+            f"no free automatic fwmark left in bits 0x{AUTO_MARK_MASK:08x} (used by "
+            f"{', '.join(users[:5]) or 'nobody'}); set nm-policy-routing.fwmark to free bits")
+        return None
+
+
+def _families(conn: Connection, policy: Policy) -> List[int]:
+    return [f for f in (4, 6) if policy.wants_family(f) and _usable(conn.addresses_of(f))]
+
+
+def _usable(addresses: Iterable[Address]) -> Tuple[Address, ...]:
+    return tuple(a for a in addresses if not a.link_local)
+
+
+def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelState:
+    """The kernel entries one connection's policy asks for, given its allocation."""
+    rules: Set[Rule] = set()
+    routes: Set[Route] = set()
+    marks: Set[Mark] = set()
+    sysctls: Set[Sysctl] = set()
+    t, p, iface = alloc.table, alloc.priority, conn.iface
+    for family in _families(conn, policy):
+        addrs = _usable(conn.addresses_of(family))
+        primary = addrs[0].ip
+        for addr in addrs:
+            if addr.prefixlen < (32 if family == 4 else 128):
+                routes.add(Route(family, t, addr.network, iface, None, addr.ip))
+        gateway = conn.gateway_of(family)
+        if gateway:
+            routes.add(Route(family, t, _DEFAULT[family], iface, gateway, primary))
+        for extra in policy.routes:
+            if extra.family == family:
+                routes.add(Route(family, t, extra.prefix, iface, extra.via, primary))
+        if alloc.fwmark is not None:
+            rules.add(Rule(family, p, t, alloc.fwmark.value, alloc.fwmark.mask))
+        if "source" in policy.match:
+            for addr in addrs:
+                rules.add(Rule(family, p, t, src=addr.ip, src_len=32 if family == 4 else 128))
+    if alloc.fwmark is not None:
+        for direction in ("incoming", "outgoing"):
+            if direction in policy.match:
+                marks.add(Mark(direction, iface, alloc.fwmark.value, alloc.fwmark.mask))
+    if 4 in _families(conn, policy):
+        if alloc.fwmark is not None and policy.src_valid_mark:
+            sysctls.add(Sysctl("ipv4", iface, "src_valid_mark", 1))
+        if policy.rp_filter != "keep":
+            sysctls.add(Sysctl("ipv4", iface, "rp_filter", RP_FILTER[policy.rp_filter]))
+    return KernelState(frozenset(rules), frozenset(routes), frozenset(marks), frozenset(sysctls))
+
+
+def plan(
+    connections: Sequence[Connection],
+    foreign: ForeignUsage = ForeignUsage(),
+    previous: Optional[Mapping[str, Allocation]] = None,
+    defaults: Optional[Mapping[str, str]] = None,
+) -> Plan:
+    """Compute every connection's plan; the union of the ``ok`` ones is the desired state."""
+    previous = previous or {}
+    results: Dict[str, ConnectionPlan] = {}
+    enabled: List[Tuple[Connection, Policy]] = []
+    seen_ifaces: Dict[str, str] = {}
+    for conn in sorted(connections, key=lambda c: c.uuid):
+        try:
+            policy = parse_policy(conn.user, conn.label, defaults)
+        except PolicyError as exc:
+            results[conn.uuid] = ConnectionPlan(conn, None, errors=tuple(exc.problems), status="invalid")
+            continue
+        if not policy.enable:
+            results[conn.uuid] = ConnectionPlan(conn, policy, status="disabled")
+            continue
+        problems = []
+        if not _IFNAME.match(conn.iface or ""):
+            problems.append(f"interface name {conn.iface!r} is not a valid Linux interface name")
+        elif conn.iface in seen_ifaces:
+            problems.append(f"interface {conn.iface} already carries the policy of connection "
+                            f"{seen_ifaces[conn.iface]}")
+        if problems:
+            results[conn.uuid] = ConnectionPlan(conn, policy, errors=tuple(problems), status="conflict")
+            continue
+        seen_ifaces[conn.iface] = conn.label
+        enabled.append((conn, policy))
+
+    alloc = _Allocator(foreign)
+    # explicit values first, then autos that had an allocation, then new autos
+    order = sorted(enabled, key=lambda cp: (
+        not (cp[1].table or cp[1].priority or cp[1].fwmark),
+        cp[0].uuid not in previous,
+        cp[0].uuid,
+    ))
+    for conn, policy in order:
+        problems = alloc.explicit(conn.label, policy)
+        allocation = None
+        if not problems:
+            allocation, problems = alloc.take(conn.label, policy, previous.get(conn.uuid), conn.uuid)
+        if problems or allocation is None:
+            results[conn.uuid] = ConnectionPlan(conn, policy, errors=tuple(problems), status="conflict")
+            continue
+        state = entries_for(conn, policy, allocation)
+        results[conn.uuid] = ConnectionPlan(conn, policy, allocation, state)
+    return Plan(tuple(results[c.uuid] for c in sorted(connections, key=lambda c: c.uuid)
+                      if c.uuid in results))
+
+
+def with_status(cp: ConnectionPlan, status: str, errors: Sequence[str]) -> ConnectionPlan:
+    """The same plan, marked failed: its entries are dropped from the desired state."""
+    return replace(cp, status=status, errors=tuple(errors), state=KernelState())

@@ -1,0 +1,155 @@
+"""The small on-disk record of what cannot be read back from the kernel.
+
+``/run/nm-policy-routing/state.json`` (directory overridable with
+``NM_POLICY_ROUTING_STATE_DIR``): the active connections we were told about, their
+allocations, each sysctl's value before we changed it, and the last outcome per
+connection for ``status``. Written atomically (temp file + rename); one file lock
+serializes every process that reconciles.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Dict, Iterator, Optional
+
+from .model import Address, Allocation, Connection, Fwmark
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = "/run/nm-policy-routing"
+VERSION = 1
+_THREAD_LOCK = threading.RLock()
+
+
+def state_dir(override: Optional[str] = None) -> str:
+    return override or os.environ.get("NM_POLICY_ROUTING_STATE_DIR") or DEFAULT_DIR
+
+
+def connection_to_json(conn: Connection) -> Dict[str, Any]:
+    data = asdict(conn)
+    data["addresses"] = [f"{a.ip}/{a.prefixlen}" for a in conn.addresses]
+    data["user_data"] = dict(conn.user_data)
+    return data
+
+
+def connection_from_json(data: Dict[str, Any]) -> Connection:
+    return Connection(
+        uuid=str(data["uuid"]),
+        id=str(data.get("id") or data["uuid"]),
+        iface=str(data.get("iface") or ""),
+        addresses=tuple(Address.parse(a) for a in data.get("addresses") or ()),
+        gateway4=data.get("gateway4") or None,
+        gateway6=data.get("gateway6") or None,
+        user_data=tuple(sorted((str(k), str(v)) for k, v in (data.get("user_data") or {}).items())),
+    )
+
+
+def allocation_to_json(alloc: Allocation) -> Dict[str, Any]:
+    fw = [alloc.fwmark.value, alloc.fwmark.mask] if alloc.fwmark else None
+    return {"table": alloc.table, "priority": alloc.priority, "fwmark": fw}
+
+
+def allocation_from_json(data: Dict[str, Any]) -> Allocation:
+    fw = data.get("fwmark")
+    return Allocation(int(data["table"]), int(data["priority"]), Fwmark(int(fw[0]), int(fw[1])) if fw else None)
+
+
+class Record:
+    """The record's content; load with :meth:`load`, persist with :meth:`save`."""
+
+    def __init__(self, directory: str, data: Optional[Dict[str, Any]] = None) -> None:
+        self.directory = directory
+        self.data: Dict[str, Any] = data or {}
+        for key in ("connections", "allocations", "sysctls", "outcomes"):
+            self.data.setdefault(key, {})
+        self.data["version"] = VERSION
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, "state.json")
+
+    @classmethod
+    def load(cls, directory: str) -> "Record":
+        path = os.path.join(directory, "state.json")
+        try:
+            with open(path) as handle:
+                data = json.load(handle)
+            if not isinstance(data, dict) or data.get("version") != VERSION:
+                raise ValueError("unknown format")
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable record %s (%s); the kernel state is re-read", path, exc)
+            data = {}
+        return cls(directory, data)
+
+    def save(self) -> None:
+        os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.data, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    # ---- typed views ---------------------------------------------------
+
+    def connections(self) -> Dict[str, Connection]:
+        out = {}
+        for uuid, data in self.data["connections"].items():
+            try:
+                out[uuid] = connection_from_json(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("dropping unreadable connection %s from the record: %s", uuid, exc)
+        return out
+
+    def set_connections(self, conns: Dict[str, Connection]) -> None:
+        self.data["connections"] = {u: connection_to_json(c) for u, c in conns.items()}
+
+    def allocations(self) -> Dict[str, Allocation]:
+        out = {}
+        for uuid, data in self.data["allocations"].items():
+            try:
+                out[uuid] = allocation_from_json(data)
+            except (KeyError, TypeError, ValueError, IndexError):
+                pass
+        return out
+
+    def set_allocations(self, allocs: Dict[str, Allocation]) -> None:
+        self.data["allocations"] = {u: allocation_to_json(a) for u, a in allocs.items()}
+
+    def sysctl_originals(self) -> Dict[str, int]:
+        """slot "family/iface/key" -> the value before we first changed it."""
+        return {k: int(v) for k, v in self.data["sysctls"].items()}
+
+    def set_outcome(self, uuid: str, outcome: Dict[str, Any]) -> None:
+        outcome = dict(outcome, time=time.time())
+        self.data["outcomes"][uuid] = outcome
+
+
+@contextmanager
+def locked(directory: str) -> Iterator[None]:
+    """Hold the one lock every reconcile runs under (threads and processes)."""
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    with _THREAD_LOCK:
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
