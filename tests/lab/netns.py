@@ -138,7 +138,9 @@ class Seed:
     MON6 = "fd00:9::2"
 
     @classmethod
-    def build(cls, lab: Lab, host_links: bool = True) -> "Seed":
+    def build(cls, lab: Lab, host_links: bool = True, address_host: bool = True) -> "Seed":
+        """The three namespaces; ``address_host=False`` leaves eth0/eth1 unconfigured
+        (for NetworkManager to configure)."""
         mon, rtr, host = lab.ns("mon"), lab.ns("rtr"), lab.ns("host")
         for ns in (mon, rtr, host):
             ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
@@ -160,12 +162,12 @@ class Seed:
                "nft add rule inet antispoof pre meta nfproto ipv6 fib saddr . iif oif missing counter drop")
         seed = cls(lab, mon, rtr, host)
         if host_links:
-            seed.add_host_links()
+            seed.add_host_links(address_host)
         host.sysctl("net.ipv4.conf.all.rp_filter", 1)
         host.sysctl("net.ipv4.conf.default.rp_filter", 1)
         return seed
 
-    def add_host_links(self) -> None:
+    def add_host_links(self, address_host: bool = True) -> None:
         rtr, host = self.rtr, self.host
         for n, (host_if, rtr_if) in enumerate((("eth0", "r-mgmt"), ("eth1", "r-svc"))):
             self.lab.link(host, host_if, rtr, rtr_if)
@@ -173,7 +175,8 @@ class Seed:
             rtr.ip("addr", "add", f"fd00:{n}::1/64", "dev", rtr_if, "nodad")
             rtr.conf("ipv4", rtr_if, "rp_filter", 1)
             host.conf("ipv4", host_if, "rp_filter", 1)
-        self.address_host()
+        if address_host:
+            self.address_host()
 
     def address_host(self) -> None:
         host = self.host
