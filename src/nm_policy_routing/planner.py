@@ -186,7 +186,8 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
     marks: Set[Mark] = set()
     sysctls: Set[Sysctl] = set()
     t, p, iface = alloc.table, alloc.priority, conn.iface
-    for family in _families(conn, policy):
+    families = _families(conn, policy)
+    for family in families:
         addrs = _usable(conn.addresses_of(family))
         primary = addrs[0].ip
         for addr in addrs:
@@ -203,11 +204,11 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
         if "source" in policy.match:
             for addr in addrs:
                 rules.add(Rule(family, p, t, src=addr.ip, src_len=32 if family == 4 else 128))
-    if alloc.fwmark is not None:
+    if alloc.fwmark is not None and families:
         for direction in ("incoming", "outgoing"):
             if direction in policy.match:
                 marks.add(Mark(direction, iface, alloc.fwmark.value, alloc.fwmark.mask))
-    if 4 in _families(conn, policy):
+    if 4 in families:
         if alloc.fwmark is not None and policy.src_valid_mark:
             sysctls.add(Sysctl("ipv4", iface, "src_valid_mark", 1))
         if policy.rp_filter != "keep":

@@ -215,6 +215,11 @@ def policy_keys(user_data: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]
             if name in ACCEPTED:
                 ours[name] = value
                 continue
+            if name.lower() in ACCEPTED:
+                problems.append(
+                    f"key {show(key)} (value {show(value)}) differs from ours only in case: "
+                    f"keys are lowercase, '{PREFIX}{name.lower()}'.")
+                continue
             guess = difflib.get_close_matches(name.lower(), KEYS, n=1, cutoff=0.6)
             hint = f"; did you mean '{PREFIX}{guess[0]}'?" if guess else ""
             problems.append(

@@ -132,6 +132,8 @@ class Seed:
     rtr: Netns
     host: Netns
 
+    #: an address behind the monitoring host, reached from the host by its default route
+    REMOTE4 = "198.51.100.9"
     SERVICE4 = "10.0.1.2"
     SERVICE6 = "fd00:1::2"
     MON4 = "10.0.9.2"
@@ -150,8 +152,10 @@ class Seed:
         mon.ip("addr", "add", "fd00:9::2/64", "dev", "eth0", "nodad")
         mon.ip("route", "add", "default", "via", "10.0.9.1")
         mon.ip("-6", "route", "add", "default", "via", "fd00:9::1")
+        mon.ip("addr", "add", f"{cls.REMOTE4}/32", "dev", "lo")
         rtr.ip("addr", "add", "10.0.9.1/24", "dev", "r-mon")
         rtr.ip("addr", "add", "fd00:9::1/64", "dev", "r-mon", "nodad")
+        rtr.ip("route", "add", f"{cls.REMOTE4}/32", "via", "10.0.9.2")
         rtr.sysctl("net.ipv4.ip_forward", 1)
         rtr.sysctl("net.ipv6.conf.all.forwarding", 1)
         rtr.sysctl("net.ipv4.conf.all.rp_filter", 1)
@@ -177,6 +181,12 @@ class Seed:
             host.conf("ipv4", host_if, "rp_filter", 1)
         if address_host:
             self.address_host()
+
+    def add_link(self, n: int, host_if: str) -> None:
+        """Another host interface ``host_if`` = 10.0.N.2/24 towards the router (10.0.N.1)."""
+        self.lab.link(self.host, host_if, self.rtr, f"r-x{n}")
+        self.rtr.ip("addr", "add", f"10.0.{n}.1/24", "dev", f"r-x{n}")
+        self.host.ip("addr", "add", f"10.0.{n}.2/24", "dev", host_if)
 
     def address_host(self) -> None:
         host = self.host
