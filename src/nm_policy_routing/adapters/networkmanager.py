@@ -1,0 +1,212 @@
+"""NetworkManager over D-Bus (dbus-next): connection facts, user data, signals.
+
+The only module that imports the D-Bus library (dbus-next; dbus-fast is a drop-in
+successor). Honours ``DBUS_SYSTEM_BUS_ADDRESS``. Everything is keyed by connection
+UUID: object paths change when NetworkManager restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from ..errors import NetworkManagerError, NotPermittedError
+from ..model import Address, Connection
+
+log = logging.getLogger(__name__)
+
+NM = "org.freedesktop.NetworkManager"
+NM_PATH = "/org/freedesktop/NetworkManager"
+SETTINGS_PATH = "/org/freedesktop/NetworkManager/Settings"
+ACTIVE = NM + ".Connection.Active"
+DEVICE = NM + ".Device"
+SETTINGS_CONN = NM + ".Settings.Connection"
+PROPS = "org.freedesktop.DBus.Properties"
+
+#: Connection.Active states
+ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
+UPDATE2_TO_DISK = 0x1
+UPDATE2_NO_REAPPLY = 0x40
+
+
+def _plain(value: Any) -> Any:
+    """Variants -> plain Python values, recursively."""
+    from dbus_next import Variant
+
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class NetworkManagerBus:
+    """An async client of NetworkManager on the system bus."""
+
+    def __init__(self) -> None:
+        self.bus = None
+
+    async def connect(self) -> "NetworkManagerBus":
+        from dbus_next import BusType
+        from dbus_next.aio import MessageBus
+
+        try:
+            self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        except (OSError, ValueError) as exc:
+            raise NetworkManagerError(
+                f"cannot reach the D-Bus system bus ({exc}); is dbus running? "
+                "(DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from exc
+        return self
+
+    def disconnect(self) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+            self.bus = None
+
+    async def call(self, path: str, interface: str, member: str, signature: str = "",
+                   body: Optional[List[Any]] = None, destination: str = NM) -> List[Any]:
+        from dbus_next import Message, MessageType
+
+        msg = Message(destination=destination, path=path, interface=interface, member=member,
+                      signature=signature, body=body or [])
+        reply = await self.bus.call(msg)
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else reply.error_name
+            if "PermissionDenied" in (reply.error_name or "") or "AccessDenied" in (reply.error_name or ""):
+                raise NotPermittedError(f"NetworkManager refused {member} on {path}: {text}")
+            raise NetworkManagerError(f"NetworkManager {member} on {path} failed: {reply.error_name}: {text}")
+        return reply.body
+
+    async def props(self, path: str, interface: str) -> Dict[str, Any]:
+        body = await self.call(path, PROPS, "GetAll", "s", [interface])
+        return _plain(body[0])
+
+    async def name_owner(self) -> Optional[str]:
+        try:
+            body = await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner", "s",
+                                   [NM], destination="org.freedesktop.DBus")
+        except NetworkManagerError:
+            return None
+        return body[0]
+
+    async def add_match(self, rule: str) -> None:
+        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule],
+                        destination="org.freedesktop.DBus")
+
+    def on_message(self, handler: Callable[[Any], None]) -> None:
+        self.bus.add_message_handler(handler)
+
+    # ---- connections ---------------------------------------------------
+
+    async def active_paths(self) -> List[str]:
+        return list((await self.props(NM_PATH, NM)).get("ActiveConnections", []))
+
+    async def settings(self, path: str) -> Dict[str, Dict[str, Any]]:
+        body = await self.call(path, SETTINGS_CONN, "GetSettings")
+        return _plain(body[0])
+
+    async def user_data(self, settings_path: str) -> Dict[str, str]:
+        settings = await self.settings(settings_path)
+        return dict(settings.get("user", {}).get("data", {}))
+
+    async def _ip(self, path: str, prefix_key: str = "prefix") -> Tuple[List[Address], Optional[str]]:
+        if not path or path == "/":
+            return [], None
+        try:
+            props = await self.props(path, NM + (".IP6Config" if "IP6Config" in path else ".IP4Config"))
+        except NetworkManagerError:
+            return [], None
+        addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
+        return addrs, props.get("Gateway") or None
+
+    async def facts(self, active_path: str) -> Optional[Tuple[Connection, int]]:
+        """The planner's view of one active connection, with its state; None if it vanished."""
+        try:
+            active = await self.props(active_path, ACTIVE)
+        except NetworkManagerError:
+            return None
+        iface = ""
+        for device in active.get("Devices", []):
+            dev = await self.props(device, DEVICE)
+            iface = dev.get("IpInterface") or dev.get("Interface") or ""
+            if iface:
+                break
+        addr4, gw4 = await self._ip(active.get("Ip4Config", "/"))
+        addr6, gw6 = await self._ip(active.get("Ip6Config", "/"))
+        user = await self.user_data(active["Connection"]) if active.get("Connection") else {}
+        conn = Connection(
+            uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
+            addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,
+            user_data=tuple(sorted(user.items())),
+        )
+        return conn, int(active.get("State", 0))
+
+    async def active_connections(self) -> List[Connection]:
+        """Every active connection (activating with addresses, or activated)."""
+        out = []
+        for path in await self.active_paths():
+            found = await self.facts(path)
+            if found and found[1] in (ACTIVATING, ACTIVATED) and found[0].uuid:
+                out.append(found[0])
+        return out
+
+    async def active_state(self, uuid: str) -> Optional[int]:
+        for path in await self.active_paths():
+            try:
+                props = await self.props(path, ACTIVE)
+            except NetworkManagerError:
+                continue
+            if props.get("Uuid") == uuid:
+                return int(props.get("State", 0))
+        return None
+
+    async def find_profile(self, ref: str) -> Tuple[str, Dict[str, Dict[str, Any]]]:
+        """A profile by UUID, id or interface name (as nmcli accepts them)."""
+        body = await self.call(SETTINGS_PATH, NM + ".Settings", "ListConnections")
+        by_id, by_iface = [], []
+        for path in body[0]:
+            settings = await self.settings(path)
+            conn = settings.get("connection", {})
+            if conn.get("uuid") == ref:
+                return path, settings
+            if conn.get("id") == ref:
+                by_id.append((path, settings))
+            if conn.get("interface-name") == ref:
+                by_iface.append((path, settings))
+        if not by_id and not by_iface:
+            for path in await self.active_paths():
+                found = await self.facts(path)
+                if found and found[0].iface == ref:
+                    return await self.find_profile(found[0].uuid)
+        matches = by_id or by_iface
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NetworkManagerError(f"no connection profile {ref!r} (give an id, UUID or interface name; "
+                                      "'nmcli connection' lists them)")
+        raise NetworkManagerError(f"{ref!r} names {len(matches)} profiles; give its UUID")
+
+    async def set_user_data(self, path: str, data: Mapping[str, str]) -> None:
+        """Replace the profile's user data, keeping every other setting and its secrets.
+
+        Update2 replaces the whole profile, so the current settings (with the
+        secrets NetworkManager holds for them) are sent back with only ``user`` changed.
+        """
+        from dbus_next import Variant
+
+        settings = (await self.call(path, SETTINGS_CONN, "GetSettings"))[0]
+        for name in list(settings):
+            try:
+                secrets = (await self.call(path, SETTINGS_CONN, "GetSecrets", "s", [name]))[0]
+            except NetworkManagerError:
+                continue
+            for key, value in secrets.get(name, {}).items():
+                settings[name][key] = value
+        if data:
+            settings["user"] = {"data": Variant("a{ss}", dict(data))}
+        else:
+            settings.pop("user", None)
+        await self.call(path, SETTINGS_CONN, "Update2", "a{sa{sv}}ua{sv}",
+                        [settings, UPDATE2_TO_DISK | UPDATE2_NO_REAPPLY, {}])

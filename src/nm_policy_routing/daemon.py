@@ -1,0 +1,218 @@
+"""The D-Bus listener: follow NetworkManager and keep every active connection's policy right.
+
+Subscribe first, then snapshot and reconcile. Any relevant signal (activation,
+deactivation, IP configuration, a profile edited or removed, NetworkManager
+restarting) schedules one coalesced resync: snapshot all active connections and
+reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
+schedule the same. Signals are accepted only from the current owner of
+NetworkManager's bus name. While it runs, the daemon holds ``daemon.lock`` in the
+state directory: the dispatcher hook sees it and leaves the work to the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Optional
+
+from .adapters.networkmanager import ACTIVE, DEVICE, NM, NM_PATH, PROPS, SETTINGS_CONN, NetworkManagerBus
+from .errors import PolicyRoutingError
+from .reconcile import Engine
+
+log = logging.getLogger(__name__)
+
+_IP_KEYS = {"Ip4Config", "Ip6Config", "State", "IpInterface", "ActiveConnections", "AddressData", "Gateway"}
+
+
+def sd_notify(text: str) -> None:
+    """Tell systemd (Type=notify) how we are; silent without NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(text.encode())
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+def relevant(msg: Any) -> bool:
+    """Does this NetworkManager signal change what the policies depend on?"""
+    iface, member = msg.interface, msg.member
+    if iface == ACTIVE and member == "StateChanged":
+        return True
+    if iface == SETTINGS_CONN and member in ("Updated", "Removed"):
+        return True
+    if iface == NM + ".Settings" and member in ("ConnectionRemoved", "NewConnection"):
+        return True
+    if iface == PROPS and member == "PropertiesChanged" and msg.body:
+        target = msg.body[0]
+        if target in (NM + ".IP4Config", NM + ".IP6Config"):
+            return True
+        if target in (NM, DEVICE, ACTIVE) and len(msg.body) > 1:
+            return bool(_IP_KEYS & set(msg.body[1]))
+    return False
+
+
+class Daemon:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.nm: Optional[NetworkManagerBus] = None
+        self.owner: Optional[str] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.wake: Optional[asyncio.Event] = None
+        self.stopping = False
+        self.last_signal = 0.0
+        self.resyncs = 0
+        self._lock_fd: Optional[int] = None
+
+    # ---- signal intake -------------------------------------------------
+
+    def _on_message(self, msg: Any) -> None:
+        from dbus_next import MessageType
+
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
+            if msg.body and msg.body[0] == NM:
+                self.owner = msg.body[2] or None
+                log.info("NetworkManager %s", "appeared" if self.owner else "went away")
+                if self.owner:
+                    self.schedule("NetworkManager (re)started")
+            return
+        if not self.owner or msg.sender != self.owner:
+            if relevant(msg):
+                log.warning("ignored a %s.%s signal from %s, which is not NetworkManager",
+                            msg.interface, msg.member, msg.sender)
+            return
+        if relevant(msg):
+            self.schedule(f"{msg.interface}.{msg.member} on {msg.path}")
+
+    def schedule(self, why: str) -> None:
+        """Ask for a resync (thread-safe); bursts collapse into one."""
+        self.last_signal = time.monotonic()
+        log.debug("resync requested: %s", why)
+        if self.loop and self.wake:
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    # ---- the work ------------------------------------------------------
+
+    async def _resync_forever(self) -> None:
+        assert self.wake is not None
+        while not self.stopping:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.stopping:
+                break
+            await self.resync()
+
+    async def resync(self) -> None:
+        assert self.nm is not None and self.loop is not None
+        try:
+            conns = await self.nm.active_connections()
+        except PolicyRoutingError as exc:
+            log.error("cannot read NetworkManager's active connections: %s", exc)
+            return
+        try:
+            result = await self.loop.run_in_executor(None, self.engine.reconcile, conns)
+        except PolicyRoutingError as exc:
+            log.error("reconcile failed: %s", exc)
+            return
+        except Exception:  # the per-event fence: log, keep serving
+            log.exception("unexpected error while reconciling; the daemon keeps running")
+            return
+        self.resyncs += 1
+        for change in result.changes:
+            log.info("%s", change)
+        for uuid, errors in result.errors.items():
+            for error in errors:
+                log.error("%s", error)
+
+    # ---- netlink watch -------------------------------------------------
+
+    def _watch_netlink(self) -> None:
+        """Links coming up, our routes or rules deleted: resync (runs in a thread)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE,
+                                           RTMGRP_LINK)
+        from .model import RT_PROTO
+
+        groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
+        groups |= 0x80000  # RTMGRP_IPV6_RULE (not always exported)
+        with IPRoute() as ipr:
+            ipr.bind(groups=groups)
+            while not self.stopping:
+                try:
+                    messages = ipr.get()
+                except Exception:  # the thread's fence: log, keep watching
+                    log.exception("netlink watch failed")
+                    time.sleep(1)
+                    continue
+                for msg in messages:
+                    event = msg.get("event")
+                    if event == "RTM_NEWLINK" and msg.get("flags", 0) & 1:  # IFF_UP
+                        self.schedule(f"link {msg.get('ifname')} up")
+                    elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
+                            (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
+                        self.schedule(f"{event} of ours")
+
+    # ---- life cycle ----------------------------------------------------
+
+    def _take_lock(self) -> None:
+        os.makedirs(self.engine.directory, exist_ok=True)
+        fd = os.open(os.path.join(self.engine.directory, "daemon.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        for attempt in range(20):  # the hook takes the lock for an instant to test it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
+            os.close(fd)
+            raise PolicyRoutingError(
+                f"another nm-policy-routing daemon already runs (lock {self.engine.directory}/daemon.lock)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self._take_lock()
+        self.nm = await NetworkManagerBus().connect()
+        self.nm.on_message(self._on_message)
+        await self.nm.add_match(f"type='signal',sender='{NM}'")
+        await self.nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                                f"arg0='{NM}'")
+        self.owner = await self.nm.name_owner()
+        threading.Thread(target=self._watch_netlink, name="netlink-watch", daemon=True).start()
+        if self.owner:
+            await self.resync()
+        else:
+            log.warning("NetworkManager is not running; waiting for it")
+        worker = asyncio.ensure_future(self._resync_forever())
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, stop.set)
+        sd_notify("READY=1\nSTATUS=following NetworkManager")
+        log.info("nm-policy-routing daemon ready (NetworkManager is %s)", self.owner or "absent")
+        await stop.wait()
+        log.info("stopping; the installed policies stay in place")
+        sd_notify("STOPPING=1")
+        self.stopping = True
+        self.wake.set()
+        await worker
+        self.nm.disconnect()
+
+
+def run(engine: Engine) -> None:
+    asyncio.run(Daemon(engine).run())

@@ -1,0 +1,477 @@
+"""A real NetworkManager, on a private D-Bus system bus, in the host namespace of a Seed.
+
+Its single job: give end-to-end tests and the demo a NetworkManager that manages the
+seed's eth0/eth1 (and a DHCP server for eth1), without touching the machine's own
+networking, D-Bus or NetworkManager state.
+
+How it is isolated:
+
+- the bus is a ``dbus-daemon`` of type ``system`` listening on a socket in the base
+  directory; everything started here gets ``DBUS_SYSTEM_BUS_ADDRESS`` for it;
+- NetworkManager runs as ``ip netns exec HOST unshare -m --propagation private SCRIPT``:
+  it sees only the host namespace's links, ``/sys`` is read-only (so it does not wait
+  for udev), and private directories of the base directory are bind-mounted over
+  ``/run/NetworkManager``, ``/var/lib/NetworkManager`` and
+  ``/etc/NetworkManager/dispatcher.d`` (tests drop scripts into :attr:`NMLab.dispatcher_dir`);
+- its configuration, keyfiles, state file and log live in the base directory
+  (``nm.log``, ``dispatcher.log``, ``dbus.log``, ``dnsmasq.log``).
+
+Every process is ended by its PID (SIGTERM, then SIGKILL); nothing is looked up by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+from tests.lab.netns import Netns, Seed, run, wait_for
+
+MGMT_UUID = "5e1f0000-0000-4000-8000-00000000e700"
+SERVICE_UUID = "5e1f0000-0000-4000-8000-00000000e701"
+DHCP_UUID = "5e1f0000-0000-4000-8000-00000000d4c1"
+
+NM_BIN = "/usr/sbin/NetworkManager"
+DISPATCHER_BIN = "/usr/lib/NetworkManager/nm-dispatcher"
+DNSMASQ_BIN = "/usr/sbin/dnsmasq"
+DISPATCHER_NAME = "org.freedesktop.nm_dispatcher"
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+
+DBUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow receive_sender="*"/>
+    <allow eavesdrop="true"/>
+  </policy>
+</busconfig>
+"""
+
+NM_CONFIG = """[main]
+plugins=keyfile
+no-auto-default=*
+auth-polkit=false
+dns=none
+rc-manager=unmanaged
+hostname-mode=none
+
+[keyfile]
+path={keyfiles}
+
+[connectivity]
+enabled=false
+
+[logging]
+level=INFO
+backend=debug
+"""
+
+# Runs as `ip netns exec HOST unshare -m --propagation private sh SCRIPT`, so every
+# mount below is private to NetworkManager and its dispatcher. `ip netns exec` already
+# mounted a /sys of the host namespace; read-only, NetworkManager does not wait for udev.
+START_SCRIPT = """#!/bin/sh
+set -eu
+mount -o remount,ro /sys
+mkdir -p /run/NetworkManager
+mount --bind {run_dir} /run/NetworkManager
+mount --bind {lib_dir} /var/lib/NetworkManager
+mount --bind {dispatcher_dir} /etc/NetworkManager/dispatcher.d
+{dispatcher} --persist --debug >>{dispatcher_log} 2>&1 &
+echo $! >{dispatcher_pid}
+n=0
+until dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \\
+        org.freedesktop.DBus.GetNameOwner string:{dispatcher_name} >/dev/null 2>&1; do
+    n=$((n + 1))
+    if [ "$n" -gt 200 ]; then echo "nm-dispatcher did not register on the bus" >&2; exit 1; fi
+    sleep 0.05
+done
+exec {nm} --no-daemon --debug --config={config} --config-dir={conf_d} --system-config-dir={conf_d} \\
+    --intern-config={lib_dir}/NetworkManager-intern.conf --state-file={state_file}
+"""
+
+
+class NMLabError(RuntimeError):
+    """Something in the lab failed; the message carries the tail of the relevant log."""
+
+
+class NMLab:
+    """NetworkManager + nm-dispatcher + a private system bus for one :class:`Seed`.
+
+    ``with NMLab(seed, base_dir) as nm: nm.seed_keyfiles(); nm.up("service")``.
+    The base directory must exist, be empty or reusable, and not lie under /run.
+    """
+
+    DEVICES = ("eth0", "eth1")
+
+    def __init__(self, seed: Seed, base_dir: str) -> None:
+        self.seed = seed
+        self.base = os.path.abspath(base_dir)
+        if self.base == "/run" or self.base.startswith("/run/"):
+            raise ValueError(f"base_dir {self.base} must not be under /run (it is bind-mounted over)")
+        self.keyfile_dir = self._path("keyfiles")
+        self.dispatcher_dir = self._path("dispatcher.d")
+        self.run_dir = self._path("run")
+        self.lib_dir = self._path("lib")
+        self.nm_log = self._path("nm.log")
+        self.dispatcher_log = self._path("dispatcher.log")
+        self.dbus_log = self._path("dbus.log")
+        self.dnsmasq_log = self._path("dnsmasq.log")
+        self.dhcp_lease_file = self._path("dnsmasq.leases")
+        self._bus: Optional[subprocess.Popen] = None
+        self._nm: Optional[subprocess.Popen] = None
+        self._dnsmasq: Optional[subprocess.Popen] = None
+        self._dispatcher_pid: Optional[int] = None
+
+    # ---- paths and environment --------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.base, name)
+
+    @property
+    def host(self) -> Netns:
+        return self.seed.host
+
+    @property
+    def nm_pid(self) -> Optional[int]:
+        return self._nm.pid if self._nm is not None else None
+
+    @property
+    def bus_address(self) -> str:
+        return f"unix:path={self._path('system_bus_socket')}"
+
+    def env(self) -> Dict[str, str]:
+        """The environment for a process that talks to this lab's bus (and NetworkManager)."""
+        env = dict(os.environ)
+        env.update(DBUS_SYSTEM_BUS_ADDRESS=self.bus_address, LC_ALL="C")
+        env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        return env
+
+    def run_in_host(self, *args: str, env: Optional[Mapping[str, str]] = None, check: bool = True,
+                    timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess:
+        """Run a command in the host namespace with the lab bus environment (plus ``env``)."""
+        full = self.env()
+        full.update(env or {})
+        return self.host.run(*args, check=check, timeout=timeout, env=full, **kw)
+
+    def nmcli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        proc = self.run_in_host("nmcli", *args, check=False, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise NMLabError(self._failure(f"nmcli {' '.join(args)} failed ({proc.returncode}): "
+                                           f"{proc.stderr.strip()}"))
+        return proc
+
+    def log_tail(self, path: Optional[str] = None, lines: int = 40) -> str:
+        path = path or self.nm_log
+        try:
+            with open(path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return f"({path} not readable)"
+
+    def _failure(self, message: str, path: Optional[str] = None) -> str:
+        path = path or self.nm_log
+        return f"{message}\n--- last lines of {path} ---\n{self.log_tail(path)}"
+
+    # ---- start and stop ---------------------------------------------------
+
+    def start(self) -> "NMLab":
+        """Start the bus, then NetworkManager (with its dispatcher); manage eth0 and eth1."""
+        self._prepare_dirs()
+        self._start_bus()
+        self._start_nm()
+        return self
+
+    def _prepare_dirs(self) -> None:
+        os.makedirs(self.base, exist_ok=True)
+        for path in (self.keyfile_dir, self.run_dir, self.lib_dir, self._path("conf.d")):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        for sub in ("", "pre-up.d", "pre-down.d", "no-wait.d"):
+            path = os.path.join(self.dispatcher_dir, sub)
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, 0o755)
+        os.chmod(self.base, 0o755)
+        self._write(self._path("dbus.conf"), DBUS_CONFIG.format(socket=self._path("system_bus_socket")))
+        self._write(self._path("NetworkManager.conf"), NM_CONFIG.format(keyfiles=self.keyfile_dir))
+        q = shlex.quote
+        script = START_SCRIPT.format(
+            run_dir=q(self.run_dir), lib_dir=q(self.lib_dir), dispatcher_dir=q(self.dispatcher_dir),
+            dispatcher=DISPATCHER_BIN, dispatcher_log=q(self.dispatcher_log),
+            dispatcher_pid=q(self._path("dispatcher.pid")), dispatcher_name=DISPATCHER_NAME,
+            nm=NM_BIN, config=q(self._path("NetworkManager.conf")), conf_d=q(self._path("conf.d")),
+            state_file=q(os.path.join(self.lib_dir, "NetworkManager.state")))
+        self._write(self._path("start-nm.sh"), script, mode=0o755)
+
+    @staticmethod
+    def _write(path: str, text: str, mode: int = 0o644) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+
+    def _spawn(self, args: List[str], log: str) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env(), start_new_session=True)
+
+    def _start_bus(self) -> None:
+        if self._bus is not None:
+            return
+        socket = self._path("system_bus_socket")
+        if os.path.exists(socket):
+            os.unlink(socket)
+        self._bus = self._spawn(["ip", "netns", "exec", self.host.name, "dbus-daemon", "--nofork",
+                                 "--nosyslog", f"--config-file={self._path('dbus.conf')}"], self.dbus_log)
+        if not wait_for(lambda: self._bus_answers() or self._bus.poll() is not None, timeout=10) \
+                or self._bus.poll() is not None:
+            raise NMLabError(self._failure("dbus-daemon did not start", self.dbus_log))
+
+    def _bus_answers(self) -> bool:
+        proc = run(["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
+                    "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames"], check=False, env=self.env())
+        return proc.returncode == 0
+
+    def _start_nm(self, timeout: float = 30) -> None:
+        """Start NetworkManager and its dispatcher; return once both eth0 and eth1 are managed."""
+        pid_file = self._path("dispatcher.pid")
+        if os.path.exists(pid_file):
+            os.unlink(pid_file)
+        args = ["ip", "netns", "exec", self.host.name, "unshare", "-m", "--propagation", "private",
+                self._path("start-nm.sh")]
+        self._nm = self._spawn(args, self.nm_log)  # ip netns exec, unshare and sh all exec: one PID
+        self._dispatcher_pid = wait_for(lambda: self._read_pid(pid_file) or self._nm_died(), timeout=10) or None
+        self._wait_nm_running(timeout)
+        for dev in self.DEVICES:
+            self._manage(dev, timeout)
+
+    @staticmethod
+    def _read_pid(path: str) -> Optional[int]:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def _nm_died(self) -> bool:
+        if self._nm is not None and self._nm.poll() is not None:
+            raise NMLabError(self._failure(f"NetworkManager exited ({self._nm.returncode})"))
+        return False
+
+    def _wait_nm_running(self, timeout: float) -> None:
+        def running() -> bool:
+            self._nm_died()
+            proc = self.nmcli("-t", "-f", "RUNNING", "general", check=False)
+            return proc.returncode == 0 and proc.stdout.strip() == "running"
+
+        if not wait_for(running, timeout=timeout, interval=0.1):
+            raise NMLabError(self._failure(f"NetworkManager did not answer within {timeout} s"))
+
+    def device_state(self, dev: str) -> Optional[str]:
+        """nmcli's state of a device (e.g. 'unmanaged', 'disconnected', 'connected'), None if unknown."""
+        out = self.nmcli("-t", "-f", "DEVICE,STATE", "device", check=False).stdout
+        states = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return states.get(dev)
+
+    def _manage(self, dev: str, timeout: float) -> None:
+        if not wait_for(lambda: self.device_state(dev) is not None, timeout=timeout, interval=0.1):
+            raise NMLabError(self._failure(f"NetworkManager does not see {dev}"))
+        self.nmcli("device", "set", dev, "managed", "yes")
+        if not wait_for(lambda: self.device_state(dev) not in (None, "unmanaged", "unavailable"),
+                        timeout=timeout, interval=0.1):
+            raise NMLabError(self._failure(f"{dev} stays {self.device_state(dev)}"))
+
+    def restart_nm(self, timeout: float = 30) -> None:
+        """Stop NetworkManager (SIGTERM) and its dispatcher, then start both again.
+
+        Devices stay configured: NetworkManager leaves them as they are on SIGTERM and,
+        from its private /run/NetworkManager, takes them over again on start."""
+        self._stop_nm()
+        self._start_nm(timeout)
+
+    def _stop_nm(self) -> None:
+        if self._nm is not None:
+            _end_child(self._nm)
+            self._nm = None
+        if self._dispatcher_pid is not None:
+            _end_pid(self._dispatcher_pid, "nm-dispatcher")
+            self._dispatcher_pid = None
+
+    def stop(self) -> None:
+        """End everything this lab started, by PID. Safe to call more than once."""
+        self.stop_dhcp_server()
+        self._stop_nm()
+        if self._bus is not None:
+            _end_child(self._bus)
+            self._bus = None
+
+    def __enter__(self) -> "NMLab":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---- profiles ---------------------------------------------------------
+
+    def write_keyfile(self, name: str, text: str) -> str:
+        """Write ``<keyfile dir>/<name>.nmconnection`` (0600) and reload; check NM loaded it."""
+        path = os.path.join(self.keyfile_dir, f"{name}.nmconnection")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+        self.nmcli("connection", "reload")
+        match = re.search(r"^uuid=(\S+)\s*$", text, re.M)
+        if match and self.nmcli("connection", "show", "uuid", match.group(1), check=False).returncode != 0:
+            raise NMLabError(self._failure(f"NetworkManager did not load {path}"))
+        return path
+
+    def seed_keyfiles(self, user_service: Optional[Mapping[str, str]] = None,
+                      user_mgmt: Optional[Mapping[str, str]] = None) -> None:
+        """Profiles 'mgmt' (eth0) and 'service' (eth1) matching the seed; not activated."""
+        self.write_keyfile("mgmt", mgmt_keyfile(user_mgmt))
+        self.write_keyfile("service", service_keyfile(user_service))
+
+    def dhcp_keyfile(self, name: str = "dhcp", user: Optional[Mapping[str, str]] = None) -> None:
+        """A profile on eth1 (UUID DHCP_UUID): IPv4 from DHCP, IPv6 static as in 'service'."""
+        self.write_keyfile(name, dhcp_keyfile(name, user))
+
+    def up(self, name_or_uuid: str, timeout: int = 30) -> None:
+        self._connection("up", name_or_uuid, timeout)
+
+    def down(self, name_or_uuid: str, timeout: int = 30) -> None:
+        self._connection("down", name_or_uuid, timeout)
+
+    def _connection(self, verb: str, name_or_uuid: str, timeout: int) -> None:
+        kind = "uuid" if UUID_RE.match(name_or_uuid) else "id"
+        proc = self.nmcli("--wait", str(timeout), "connection", verb, kind, name_or_uuid, check=False,
+                          timeout=timeout + 15)
+        if proc.returncode != 0:
+            raise NMLabError(self._failure(f"nmcli connection {verb} {name_or_uuid} failed "
+                                           f"({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"))
+
+    # ---- DHCP -------------------------------------------------------------
+
+    def start_dhcp_server(self, range_start: str = "10.0.1.100", range_end: str = "10.0.1.150",
+                          lease_seconds: int = 120) -> None:
+        """dnsmasq in the router namespace on r-svc, serving 10.0.1.0/24 with router 10.0.1.1.
+
+        Authoritative (it NAKs a request for an address it does not hand out) and without
+        the ping check. dnsmasq raises leases shorter than 120 s to 120 s."""
+        if self._dnsmasq is not None:
+            raise NMLabError("the DHCP server is already running")
+        args = ["ip", "netns", "exec", self.seed.rtr.name, DNSMASQ_BIN, "--keep-in-foreground",
+                "--conf-file=/dev/null", "--port=0", "--interface=r-svc", "--bind-interfaces",
+                f"--dhcp-range={range_start},{range_end},255.255.255.0,{int(lease_seconds)}",
+                "--dhcp-option=option:router,10.0.1.1", "--dhcp-authoritative", "--no-ping",
+                f"--dhcp-leasefile={self.dhcp_lease_file}", f"--pid-file={self._path('dnsmasq.pid')}",
+                "--log-dhcp", f"--log-facility={self.dnsmasq_log}", "--user=root", "--group=root"]
+        self._dnsmasq = self._spawn(args, self._path("dnsmasq.out"))
+        if not wait_for(lambda: os.path.exists(self._path("dnsmasq.pid")) or self._dnsmasq.poll() is not None,
+                        timeout=10) or self._dnsmasq.poll() is not None:
+            raise NMLabError(self._failure("dnsmasq did not start", self._path("dnsmasq.out")))
+
+    def stop_dhcp_server(self) -> None:
+        if self._dnsmasq is not None:
+            _end_child(self._dnsmasq)
+            self._dnsmasq = None
+
+    def renumber_dhcp(self, range_start: str, range_end: str, name_or_uuid: str = DHCP_UUID,
+                      lease_seconds: int = 120) -> None:
+        """Force the DHCP profile to a new address from a new range.
+
+        Restarts dnsmasq without its lease file and with the new range, then re-activates
+        the profile (``nmcli connection up`` while it is up). NetworkManager's client first
+        asks for its old address (from its lease in /var/lib/NetworkManager); the
+        authoritative server NAKs it and the client falls back to a DISCOVER."""
+        self.stop_dhcp_server()
+        if os.path.exists(self.dhcp_lease_file):
+            os.unlink(self.dhcp_lease_file)
+        self.start_dhcp_server(range_start, range_end, lease_seconds)
+        self.up(name_or_uuid)
+
+
+# ---- keyfiles ---------------------------------------------------------------
+
+def _user_group(user: Optional[Mapping[str, str]]) -> str:
+    if not user:
+        return ""
+    return "\n[user]\n" + "".join(f"{key}={value}\n" for key, value in user.items())
+
+
+def _connection_group(name: str, uuid: str, iface: str) -> str:
+    return (f"[connection]\nid={name}\nuuid={uuid}\ntype=ethernet\ninterface-name={iface}\n"
+            "autoconnect=false\n\n[ethernet]\n")
+
+
+def mgmt_keyfile(user: Optional[Mapping[str, str]] = None) -> str:
+    """eth0: addresses and the route to the monitoring subnet, no gateway, never default."""
+    return (_connection_group("mgmt", MGMT_UUID, "eth0")
+            + "\n[ipv4]\nmethod=manual\naddress1=10.0.0.2/24\nroute1=10.0.9.0/24,10.0.0.1\n"
+            "never-default=true\ndad-timeout=0\n"
+            "\n[ipv6]\nmethod=manual\naddr-gen-mode=eui64\naddress1=fd00:0::2/64\n"
+            "route1=fd00:9::/64,fd00:0::1\nnever-default=true\n"
+            + _user_group(user))
+
+
+def service_keyfile(user: Optional[Mapping[str, str]] = None) -> str:
+    """eth1: addresses and the default routes."""
+    return (_connection_group("service", SERVICE_UUID, "eth1")
+            + "\n[ipv4]\nmethod=manual\naddress1=10.0.1.2/24\ngateway=10.0.1.1\ndad-timeout=0\n"
+            + _ipv6_service() + _user_group(user))
+
+
+def dhcp_keyfile(name: str = "dhcp", user: Optional[Mapping[str, str]] = None) -> str:
+    """eth1: IPv4 by DHCP (activation waits for the lease), IPv6 as in 'service'."""
+    return (_connection_group(name, DHCP_UUID, "eth1")
+            + "\n[ipv4]\nmethod=auto\nmay-fail=false\ndhcp-timeout=20\ndad-timeout=0\n"
+            + _ipv6_service() + _user_group(user))
+
+
+def _ipv6_service() -> str:
+    return "\n[ipv6]\nmethod=manual\naddr-gen-mode=eui64\naddress1=fd00:1::2/64\ngateway=fd00:1::1\n"
+
+
+# ---- ending processes by PID ------------------------------------------------
+
+def _end_child(proc: subprocess.Popen, timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _end_pid(pid: int, expect: str, timeout: float = 10) -> None:
+    """End a process that is not our child (the dispatcher), checking first that it is ``expect``."""
+    if not _is_alive(pid, expect):
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not wait_for(lambda: not _is_alive(pid, expect), timeout=timeout):
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _is_alive(pid, expect), timeout=5)
+
+
+def _is_alive(pid: int, expect: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return expect.encode() in cmdline and state not in ("Z", "X")
