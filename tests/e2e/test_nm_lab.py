@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -94,29 +95,49 @@ def test_seed_profiles_come_up_with_addresses_and_routes(nm: NMLab) -> None:
 
 
 DISPATCHER_SCRIPT = """#!/bin/sh
+[ "$1" = eth1 ] || exit 0
 echo "$1 $2 $CONNECTION_UUID" >>{out}
+[ "$2" = up ] || exit 0
+lab-marker >>{out}
+dbus-send --system --print-reply --dest=org.freedesktop.NetworkManager /org/freedesktop/NetworkManager \\
+    org.freedesktop.DBus.Properties.Get string:org.freedesktop.NetworkManager string:Version >/dev/null \\
+    && echo "bus ok" >>{out}
+touch /run/nm-policy-routing/seen
 """
 
 
-def test_dispatcher_scripts_run_on_up_and_down(nm: NMLab, tmp_path: Any) -> None:
-    for sub in ("pre-up.d", "pre-down.d", "no-wait.d"):
-        assert os.path.isdir(os.path.join(nm.dispatcher_dir, sub))
-    out = tmp_path / "events"
-    script = os.path.join(nm.dispatcher_dir, "50-record")
-    with open(script, "w") as f:
-        f.write(DISPATCHER_SCRIPT.format(out=out))
-    os.chmod(script, 0o755)
-    os.symlink(script, os.path.join(nm.dispatcher_dir, "pre-up.d", "50-record"))
+def executable(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
 
-    def lines() -> List[str]:
-        return out.read_text().splitlines() if out.exists() else []
 
-    nm.seed_keyfiles()
-    nm.up("service")
-    assert wait_for(lambda: f"eth1 up {SERVICE_UUID}" in lines(), timeout=10), lines()
-    assert f"eth1 pre-up {SERVICE_UUID}" in lines()
-    nm.down("service")
-    assert wait_for(lambda: f"eth1 down {SERVICE_UUID}" in lines(), timeout=10), lines()
+def test_dispatcher_scripts_run_on_up_and_down(lab: Lab, tmp_path: Any) -> None:
+    """Scripts see the lab bus at the default address, the lab's PATH and its binds."""
+    bin_dir, state_dir, out = tmp_path / "bin", tmp_path / "state", tmp_path / "events"
+    bin_dir.mkdir()
+    executable(str(bin_dir / "lab-marker"), "#!/bin/sh\necho marker\n")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    seed = Seed.build(lab, address_host=False)
+    with NMLab(seed, str(tmp_path / "nm"), env=env, binds={"/run/nm-policy-routing": str(state_dir)}) as nm:
+        for sub in ("pre-up.d", "pre-down.d", "no-wait.d"):
+            assert os.path.isdir(os.path.join(nm.dispatcher_dir, sub))
+        script = os.path.join(nm.dispatcher_dir, "50-record")
+        executable(script, DISPATCHER_SCRIPT.format(out=out))
+        for sub in ("pre-up.d", "pre-down.d"):  # pre-up and pre-down run only these
+            os.symlink("../50-record", os.path.join(nm.dispatcher_dir, sub, "50-record"))
+
+        def lines() -> List[str]:
+            return out.read_text().splitlines() if out.exists() else []
+
+        nm.seed_keyfiles()
+        nm.up("service")
+        assert wait_for(lambda: "bus ok" in lines(), timeout=10), lines()
+        assert lines() == [f"eth1 pre-up {SERVICE_UUID}", f"eth1 up {SERVICE_UUID}", "marker", "bus ok"]
+        assert (state_dir / "seen").exists()
+        nm.down("service")
+        assert wait_for(lambda: f"eth1 down {SERVICE_UUID}" in lines(), timeout=10), lines()
+        assert lines()[4:] == [f"eth1 pre-down {SERVICE_UUID}", f"eth1 down {SERVICE_UUID}"]
 
 
 def test_restart_keeps_devices_configured(nm: NMLab) -> None:
@@ -130,6 +151,8 @@ def test_restart_keeps_devices_configured(nm: NMLab) -> None:
     assert wait_for(lambda: nm.device_state("eth1") == "connected", timeout=10), nm.device_state("eth1")
     assert nm.nmcli("-g", "GENERAL.CONNECTION", "device", "show", "eth1").stdout.strip() == "service"
     assert (addrs(nm, "eth1"), addrs(nm, "eth1", "-6"), nm.host.ipj("-4", "route")) == before
+    assert "device (eth1): state change: unmanaged -> unavailable (reason 'connection-assumed'" \
+        in Path(nm.nm_log).read_text(), "NetworkManager should take eth1 over as it is"
     nm.down("service")
     assert addrs(nm, "eth1") == []
 
@@ -146,8 +169,14 @@ def test_dhcp_profile_gets_an_address_and_can_be_renumbered(nm: NMLab) -> None:
     assert len(first) == 1 and in_range(first[0], "10.0.1.100", "10.0.1.150"), first
     assert has_route(nm, "-4", "default", "10.0.1.1", "eth1")
 
-    nm.renumber_dhcp("10.0.1.200", "10.0.1.210")
-    second = [a["local"] for a in addrs(nm, "eth1")]
-    assert len(second) == 1 and in_range(second[0], "10.0.1.200", "10.0.1.210"), second
+    address = nm.renumber_dhcp("10.0.1.200", "10.0.1.210")
+    assert in_range(address, "10.0.1.200", "10.0.1.210")
+    assert [a["local"] for a in addrs(nm, "eth1")] == [address]
+    assert nm.device_state("eth1") == "connected"
+    assert has_route(nm, "-4", "default", "10.0.1.1", "eth1")
+    assert wait_for(lambda: "'reapply' [eth1]" in Path(nm.dispatcher_log).read_text(), timeout=5)
+
+    address = nm.renumber_dhcp("10.0.1.220", "10.0.1.230", reactivate=True)
+    assert [a["local"] for a in addrs(nm, "eth1")] == [address]
     assert nm.nmcli("-g", "GENERAL.CONNECTION", "device", "show", "eth1").stdout.strip() == "dhcp"
     assert nm.nmcli("-g", "connection.uuid", "connection", "show", "dhcp").stdout.strip() == DHCP_UUID

@@ -11,8 +11,10 @@ How it is isolated:
 - NetworkManager runs as ``ip netns exec HOST unshare -m --propagation private SCRIPT``:
   it sees only the host namespace's links, ``/sys`` is read-only (so it does not wait
   for udev), and private directories of the base directory are bind-mounted over
-  ``/run/NetworkManager``, ``/var/lib/NetworkManager`` and
-  ``/etc/NetworkManager/dispatcher.d`` (tests drop scripts into :attr:`NMLab.dispatcher_dir`);
+  ``/run/NetworkManager``, ``/var/lib/NetworkManager``,
+  ``/etc/NetworkManager/dispatcher.d`` (tests drop scripts into :attr:`NMLab.dispatcher_dir`)
+  and ``/run/dbus`` (so dispatcher scripts, which get no ``DBUS_SYSTEM_BUS_ADDRESS``,
+  reach the lab bus at the default address);
 - its configuration, keyfiles, state file and log live in the base directory
   (``nm.log``, ``dispatcher.log``, ``dbus.log``, ``dnsmasq.log``).
 
@@ -21,12 +23,12 @@ Every process is ended by its PID (SIGTERM, then SIGKILL); nothing is looked up 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
 import signal
 import subprocess
-import time
 from typing import Any, Dict, List, Mapping, Optional
 
 from tests.lab.netns import Netns, Seed, run, wait_for
@@ -39,6 +41,7 @@ NM_BIN = "/usr/sbin/NetworkManager"
 DISPATCHER_BIN = "/usr/lib/NetworkManager/nm-dispatcher"
 DNSMASQ_BIN = "/usr/sbin/dnsmasq"
 DISPATCHER_NAME = "org.freedesktop.nm_dispatcher"
+MOUNTED_OVER = ("/run/NetworkManager", "/var/lib/NetworkManager", "/etc/NetworkManager/dispatcher.d", "/run/dbus")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
 DBUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -79,14 +82,20 @@ backend=debug
 # Runs as `ip netns exec HOST unshare -m --propagation private sh SCRIPT`, so every
 # mount below is private to NetworkManager and its dispatcher. `ip netns exec` already
 # mounted a /sys of the host namespace; read-only, NetworkManager does not wait for udev.
+# /run/dbus becomes the lab bus's directory: dispatcher scripts get no DBUS_SYSTEM_BUS_ADDRESS
+# (nm-dispatcher passes them only NetworkManager's variables and its own PATH), so the
+# default system bus address must lead to the lab bus.
+# The only traces outside: empty mountpoints (/run/NetworkManager, ...) if there were none.
+# --debug sends the log to stderr (with --no-daemon alone it goes to syslog/journal).
 START_SCRIPT = """#!/bin/sh
 set -eu
 mount -o remount,ro /sys
-mkdir -p /run/NetworkManager
+mkdir -p /run/NetworkManager /run/dbus
 mount --bind {run_dir} /run/NetworkManager
 mount --bind {lib_dir} /var/lib/NetworkManager
 mount --bind {dispatcher_dir} /etc/NetworkManager/dispatcher.d
-{dispatcher} --persist --debug >>{dispatcher_log} 2>&1 &
+mount --bind {bus_dir} /run/dbus
+{extra_binds}{dispatcher} --persist --debug >>{dispatcher_log} 2>&1 &
 echo $! >{dispatcher_pid}
 n=0
 until dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \\
@@ -108,16 +117,26 @@ class NMLab:
     """NetworkManager + nm-dispatcher + a private system bus for one :class:`Seed`.
 
     ``with NMLab(seed, base_dir) as nm: nm.seed_keyfiles(); nm.up("service")``.
-    The base directory must exist, be empty or reusable, and not lie under /run.
+    The base directory (created if missing) holds every file of the lab; it may be
+    reused by a later lab, but not shared by two at once.
     """
 
     DEVICES = ("eth0", "eth1")
 
-    def __init__(self, seed: Seed, base_dir: str) -> None:
+    def __init__(self, seed: Seed, base_dir: str, env: Optional[Mapping[str, str]] = None,
+                 binds: Optional[Mapping[str, str]] = None) -> None:
+        """``env``: extra environment for everything started (the dispatcher's PATH is the
+        only variable its scripts inherit). ``binds``: {path seen by NetworkManager, its
+        dispatcher and their scripts: directory bind-mounted there}, e.g. a state directory."""
         self.seed = seed
         self.base = os.path.abspath(base_dir)
-        if self.base == "/run" or self.base.startswith("/run/"):
-            raise ValueError(f"base_dir {self.base} must not be under /run (it is bind-mounted over)")
+        self.extra_env = dict(env or {})
+        self.binds = {target: os.path.abspath(source) for target, source in (binds or {}).items()}
+        if not all(os.path.isabs(target) for target in self.binds):
+            raise ValueError(f"bind targets must be absolute paths: {list(self.binds)}")
+        for hidden in (*MOUNTED_OVER, *self.binds):
+            if self.base == hidden or self.base.startswith(hidden + "/"):
+                raise ValueError(f"base_dir {self.base} must not be under {hidden} (it is mounted over)")
         self.keyfile_dir = self._path("keyfiles")
         self.dispatcher_dir = self._path("dispatcher.d")
         self.run_dir = self._path("run")
@@ -127,10 +146,13 @@ class NMLab:
         self.dbus_log = self._path("dbus.log")
         self.dnsmasq_log = self._path("dnsmasq.log")
         self.dhcp_lease_file = self._path("dnsmasq.leases")
+        self.bus_dir = self._path("dbus")
+        self.bus_socket = os.path.join(self.bus_dir, "system_bus_socket")
         self._bus: Optional[subprocess.Popen] = None
         self._nm: Optional[subprocess.Popen] = None
         self._dnsmasq: Optional[subprocess.Popen] = None
         self._dispatcher_pid: Optional[int] = None
+        self._dhcp_restarts = 0
 
     # ---- paths and environment --------------------------------------------
 
@@ -147,11 +169,12 @@ class NMLab:
 
     @property
     def bus_address(self) -> str:
-        return f"unix:path={self._path('system_bus_socket')}"
+        return f"unix:path={self.bus_socket}"
 
     def env(self) -> Dict[str, str]:
         """The environment for a process that talks to this lab's bus (and NetworkManager)."""
         env = dict(os.environ)
+        env.update(self.extra_env)
         env.update(DBUS_SYSTEM_BUS_ADDRESS=self.bus_address, LC_ALL="C")
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
         return env
@@ -195,16 +218,20 @@ class NMLab:
         os.makedirs(self.base, exist_ok=True)
         for path in (self.keyfile_dir, self.run_dir, self.lib_dir, self._path("conf.d")):
             os.makedirs(path, mode=0o700, exist_ok=True)
+        for path in (self.bus_dir, *self.binds.values()):
+            os.makedirs(path, mode=0o755, exist_ok=True)
         for sub in ("", "pre-up.d", "pre-down.d", "no-wait.d"):
             path = os.path.join(self.dispatcher_dir, sub)
             os.makedirs(path, exist_ok=True)
             os.chmod(path, 0o755)
         os.chmod(self.base, 0o755)
-        self._write(self._path("dbus.conf"), DBUS_CONFIG.format(socket=self._path("system_bus_socket")))
+        self._write(self._path("dbus.conf"), DBUS_CONFIG.format(socket=self.bus_socket))
         self._write(self._path("NetworkManager.conf"), NM_CONFIG.format(keyfiles=self.keyfile_dir))
         q = shlex.quote
+        extra_binds = "".join(f"mkdir -p {q(target)}\nmount --bind {q(source)} {q(target)}\n"
+                              for target, source in self.binds.items())
         script = START_SCRIPT.format(
-            run_dir=q(self.run_dir), lib_dir=q(self.lib_dir), dispatcher_dir=q(self.dispatcher_dir),
+            bus_dir=q(self.bus_dir), extra_binds=extra_binds, run_dir=q(self.run_dir), lib_dir=q(self.lib_dir), dispatcher_dir=q(self.dispatcher_dir),
             dispatcher=DISPATCHER_BIN, dispatcher_log=q(self.dispatcher_log),
             dispatcher_pid=q(self._path("dispatcher.pid")), dispatcher_name=DISPATCHER_NAME,
             nm=NM_BIN, config=q(self._path("NetworkManager.conf")), conf_d=q(self._path("conf.d")),
@@ -225,9 +252,8 @@ class NMLab:
     def _start_bus(self) -> None:
         if self._bus is not None:
             return
-        socket = self._path("system_bus_socket")
-        if os.path.exists(socket):
-            os.unlink(socket)
+        if os.path.exists(self.bus_socket):
+            os.unlink(self.bus_socket)
         self._bus = self._spawn(["ip", "netns", "exec", self.host.name, "dbus-daemon", "--nofork",
                                  "--nosyslog", f"--config-file={self._path('dbus.conf')}"], self.dbus_log)
         if not wait_for(lambda: self._bus_answers() or self._bus.poll() is not None, timeout=10) \
@@ -301,9 +327,10 @@ class NMLab:
         if self._nm is not None:
             _end_child(self._nm)
             self._nm = None
-        if self._dispatcher_pid is not None:
-            _end_pid(self._dispatcher_pid, "nm-dispatcher")
-            self._dispatcher_pid = None
+        pid = self._dispatcher_pid or self._read_pid(self._path("dispatcher.pid"))  # also after a failed start
+        if pid is not None:
+            _end_pid(pid, "nm-dispatcher")
+        self._dispatcher_pid = None
 
     def stop(self) -> None:
         """End everything this lab started, by PID. Safe to call more than once."""
@@ -335,7 +362,8 @@ class NMLab:
         self.nmcli("connection", "reload")
         match = re.search(r"^uuid=(\S+)\s*$", text, re.M)
         if match and self.nmcli("connection", "show", "uuid", match.group(1), check=False).returncode != 0:
-            raise NMLabError(self._failure(f"NetworkManager did not load {path}"))
+            why = [line for line in self.log_tail(lines=200).splitlines() if path in line]
+            raise NMLabError(self._failure(f"NetworkManager did not load {path}: {why[-1:] or 'see the log'}"))
         return path
 
     def seed_keyfiles(self, user_service: Optional[Mapping[str, str]] = None,
@@ -372,6 +400,8 @@ class NMLab:
         the ping check. dnsmasq raises leases shorter than 120 s to 120 s."""
         if self._dnsmasq is not None:
             raise NMLabError("the DHCP server is already running")
+        if os.path.exists(self._path("dnsmasq.pid")):
+            os.unlink(self._path("dnsmasq.pid"))
         args = ["ip", "netns", "exec", self.seed.rtr.name, DNSMASQ_BIN, "--keep-in-foreground",
                 "--conf-file=/dev/null", "--port=0", "--interface=r-svc", "--bind-interfaces",
                 f"--dhcp-range={range_start},{range_end},255.255.255.0,{int(lease_seconds)}",
@@ -388,19 +418,46 @@ class NMLab:
             _end_child(self._dnsmasq)
             self._dnsmasq = None
 
-    def renumber_dhcp(self, range_start: str, range_end: str, name_or_uuid: str = DHCP_UUID,
-                      lease_seconds: int = 120) -> None:
-        """Force the DHCP profile to a new address from a new range.
+    def renumber_dhcp(self, range_start: str, range_end: str, reactivate: bool = False,
+                      name_or_uuid: str = DHCP_UUID, lease_seconds: int = 120, timeout: float = 15) -> str:
+        """Force the active DHCP profile on eth1 to a new address from a new range; return it.
 
-        Restarts dnsmasq without its lease file and with the new range, then re-activates
-        the profile (``nmcli connection up`` while it is up). NetworkManager's client first
-        asks for its old address (from its lease in /var/lib/NetworkManager); the
-        authoritative server NAKs it and the client falls back to a DISCOVER."""
+        dnsmasq is restarted without its lease file and with the new range (authoritative, so
+        it NAKs the client's request for its old address and the client falls back to a
+        DISCOVER). Then, measured on NetworkManager 1.42:
+
+        - ``reactivate=False`` (in place): ``nmcli device modify eth1 ipv4.dhcp-timeout N``
+          with a new N restarts the DHCP client on the applied connection: the address
+          changes well within a second and the dispatcher sees ``reapply`` then
+          ``dhcp4-change``, with no ``down``/``up``. (A plain ``nmcli device reapply``
+          without a change does not restart DHCP: the address stays.)
+        - ``reactivate=True``: ``nmcli connection up`` again: the dispatcher sees
+          ``pre-down``, ``down``, ``dhcp4-change``, ``pre-up``, ``up``.
+
+        Waiting for the lease to expire is no option: dnsmasq's shortest lease is 120 s."""
         self.stop_dhcp_server()
         if os.path.exists(self.dhcp_lease_file):
             os.unlink(self.dhcp_lease_file)
         self.start_dhcp_server(range_start, range_end, lease_seconds)
-        self.up(name_or_uuid)
+        if reactivate:
+            self.up(name_or_uuid)
+        else:
+            self._dhcp_restarts += 1
+            self.nmcli("device", "modify", "eth1", "ipv4.dhcp-timeout", str(20 + self._dhcp_restarts))
+
+        def new_address() -> Optional[str]:
+            addrs = [a["local"] for link in self.host.ipj("-4", "addr", "show", "dev", "eth1")
+                     for a in link["addr_info"]]
+            return addrs[0] if len(addrs) == 1 and _in_range(addrs[0], range_start, range_end) else None
+
+        address = wait_for(new_address, timeout=timeout)
+        if not address:
+            raise NMLabError(self._failure(f"eth1 got no address in {range_start}-{range_end}"))
+        return address
+
+
+def _in_range(address: str, start: str, end: str) -> bool:
+    return ipaddress.ip_address(start) <= ipaddress.ip_address(address) <= ipaddress.ip_address(end)
 
 
 # ---- keyfiles ---------------------------------------------------------------
