@@ -1,0 +1,138 @@
+"""A seed lab with a real NetworkManager, our dispatcher hook and/or our daemon installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional
+
+from tests.lab.netns import ROOT, Lab, Seed, wait_for
+from tests.lab.nm import NMLab
+
+VENV_BIN = os.path.dirname(sys.executable)
+HOOK = os.path.join(ROOT, "dispatcher.d", "50-nm-policy-routing")
+CLI = os.path.join(VENV_BIN, "nm-policy-routing")
+PROTO = ("214", "nm-policy-routing")
+
+
+def install_hook(dispatcher_dir: str) -> None:
+    """As a package would: the hook, and pre-up.d/pre-down.d symlinks to it."""
+    target = os.path.join(dispatcher_dir, "50-nm-policy-routing")
+    shutil.copyfile(HOOK, target)
+    os.chmod(target, 0o755)
+    for sub in ("pre-up.d", "pre-down.d"):
+        os.makedirs(os.path.join(dispatcher_dir, sub), exist_ok=True)
+        link = os.path.join(dispatcher_dir, sub, "50-nm-policy-routing")
+        if not os.path.lexists(link):
+            os.symlink("../50-nm-policy-routing", link)
+
+
+class World:
+    """Seed + NetworkManager (+ hook) (+ daemon); everything stopped by :meth:`close`."""
+
+    def __init__(self, lab: Lab, hook: bool = True) -> None:
+        self.seed = Seed.build(lab, address_host=False)
+        self.base = tempfile.mkdtemp(prefix="npr-world-")
+        self.state_dir = os.path.join(self.base, "state")
+        os.makedirs(self.state_dir)
+        path = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        self.nm = NMLab(self.seed, os.path.join(self.base, "nm"), env={"PATH": path},
+                        binds={"/run/nm-policy-routing": self.state_dir})
+        self.daemon: Optional[subprocess.Popen] = None
+        self.nm.start()
+        if hook:
+            install_hook(self.nm.dispatcher_dir)
+
+    @property
+    def host(self):
+        return self.seed.host
+
+    def cli_env(self) -> Dict[str, str]:
+        env = self.nm.env()
+        env["NM_POLICY_ROUTING_STATE_DIR"] = self.state_dir
+        return env
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return self.host.run(CLI, *args, env=self.cli_env(), check=check)
+
+    # ---- the daemon ----------------------------------------------------
+
+    def start_daemon(self, timeout: float = 20) -> None:
+        notify_path = os.path.join(self.base, "notify.sock")
+        if os.path.exists(notify_path):
+            os.unlink(notify_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(notify_path)
+        sock.settimeout(timeout)
+        env = self.cli_env()
+        env["NOTIFY_SOCKET"] = notify_path
+        self.daemon_log = open(os.path.join(self.base, "daemon.log"), "a")
+        self.daemon = subprocess.Popen(["ip", "netns", "exec", self.host.name, CLI, "-v", "daemon"], env=env,
+                                       stdout=self.daemon_log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                message = sock.recv(4096).decode()
+                if "READY=1" in message:
+                    break
+        except socket.timeout:
+            raise AssertionError(f"the daemon did not become ready: {self.daemon_tail()}") from None
+        finally:
+            sock.close()
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.daemon = None
+            self.daemon_log.close()
+
+    def daemon_tail(self, lines: int = 30) -> str:
+        try:
+            with open(os.path.join(self.base, "daemon.log")) as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.stop_daemon()
+        self.nm.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # ---- what the kernel holds -----------------------------------------
+
+    def our_rules(self, family: str = "-4") -> List[Dict[str, Any]]:
+        return [r for r in self.host.ipj(family, "rule") if str(r.get("protocol")) in PROTO]
+
+    def our_routes(self, family: str = "-4") -> List[Dict[str, Any]]:
+        return [r for r in self.host.ipj(family, "route", "show", "table", "all")
+                if str(r.get("protocol")) in PROTO]
+
+    def has_nft(self) -> bool:
+        return self.host.run("nft", "list", "table", "inet", "nm_policy_routing", check=False).returncode == 0
+
+    def policy_state(self) -> Dict[str, Any]:
+        """Everything a policy may change in the host namespace (NM's own routes left out)."""
+        nft = json.loads(self.host.run("nft", "-j", "list", "ruleset").stdout or "{}")
+        for item in nft.get("nftables", []):
+            item.pop("metainfo", None)
+        return {
+            "rules4": self.host.ipj("-4", "rule"),
+            "rules6": self.host.ipj("-6", "rule"),
+            "ours4": self.our_routes("-4"),
+            "ours6": self.our_routes("-6"),
+            "nft": nft,
+            "svm": [self.host.conf("ipv4", i, "src_valid_mark") for i in ("eth0", "eth1")],
+            "rpf": [self.host.conf("ipv4", i, "rp_filter") for i in ("eth0", "eth1")],
+        }
+
+    def wait_rules(self, predicate, timeout: float = 15) -> bool:
+        return bool(wait_for(lambda: predicate(self.our_rules()), timeout=timeout))
