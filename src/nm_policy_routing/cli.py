@@ -101,6 +101,96 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return code
 
 
+def _run_nm(coro_fn):
+    """Run ``coro_fn(nm)`` against NetworkManager on the system bus."""
+    import asyncio
+
+    from .adapters.networkmanager import NetworkManagerBus
+
+    async def go():
+        nm = await NetworkManagerBus().connect()
+        try:
+            return await coro_fn(nm)
+        finally:
+            nm.disconnect()
+
+    return asyncio.run(go())
+
+
+def _full_key(key: str) -> str:
+    from .model import PREFIX
+
+    return key if key.startswith(PREFIX) else PREFIX + key
+
+
+def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], Dict[str, str]]) -> int:
+    """Read the profile's user data, change it, validate, write it back (Update2)."""
+    from .errors import PolicyError
+    from .policy import parse_policy
+
+    async def go(nm):
+        path, settings = await nm.find_profile(args.connection)
+        conn = settings.get("connection", {})
+        label = f"{conn.get('id')} ({conn.get('uuid')})"
+        current = dict(settings.get("user", {}).get("data", {}))
+        new = change(current)
+        try:
+            parse_policy(new, label)
+        except PolicyError as exc:
+            print(f"nm-policy-routing: {exc}", file=sys.stderr)
+            print("nothing was changed in the profile", file=sys.stderr)
+            return EX_DATAERR, label, None
+        if new != current:
+            await nm.set_user_data(path, new)
+        state = await nm.active_state(conn.get("uuid", ""))
+        return EX_OK, label, state
+
+    code, label, state = _run_nm(go)
+    if code != EX_OK:
+        return code
+    print(f"connection {label}: policy saved")
+    from .adapters.networkmanager import ACTIVATED
+
+    if state == ACTIVATED and not _daemon_running(args):
+        engine = _engine(args)
+        result = engine.reconcile(_active_connections())
+        for change in result.changes:
+            print(change)
+    return EX_OK
+
+
+def _daemon_running(args: argparse.Namespace) -> bool:
+    import fcntl
+
+    from .record import state_dir
+
+    path = os.path.join(state_dir(args.state_dir), "daemon.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    if len(args.pairs) % 2:
+        print("nm-policy-routing: set takes KEY VALUE pairs", file=sys.stderr)
+        return EX_USAGE
+    pairs = {_full_key(k): v for k, v in zip(args.pairs[::2], args.pairs[1::2])}
+    return _write_policy(args, lambda current: {**current, **pairs})
+
+
+def cmd_unset(args: argparse.Namespace) -> int:
+    keys = {_full_key(k) for k in args.keys}
+    return _write_policy(args, lambda current: {k: v for k, v in current.items() if k not in keys})
+
+
 def cmd_flush(args: argparse.Namespace) -> int:
     result = _engine(args).flush()
     for change in result.changes:
@@ -112,6 +202,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     record = _engine(args).record()
     rows = []
     for uuid, outcome in sorted(record.data.get("outcomes", {}).items()):
+        if outcome.get("status") == "disabled" and not args.all:
+            continue
         rows.append({"uuid": uuid, **{k: outcome.get(k) for k in ("id", "iface", "status", "errors")},
                      "allocation": record.data["allocations"].get(uuid)})
     if args.json:
@@ -149,11 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("connection", nargs="?", help="report only this connection (id, UUID or interface)")
     p.set_defaults(func=cmd_apply)
 
+    p = sub.add_parser("set", help="write policy keys into a connection profile")
+    p.add_argument("connection", help="connection id, UUID or interface name")
+    p.add_argument("pairs", nargs="+", metavar="KEY VALUE", help="e.g. enable yes table 100")
+    p.set_defaults(func=cmd_set)
+
+    p = sub.add_parser("unset", help="remove policy keys from a connection profile")
+    p.add_argument("connection", help="connection id, UUID or interface name")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.set_defaults(func=cmd_unset)
+
     p = sub.add_parser("flush", help="remove everything of ours from the kernel")
     p.set_defaults(func=cmd_flush)
 
     p = sub.add_parser("status", help="every connection with a policy and how it went")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="also active connections without a policy")
     p.set_defaults(func=cmd_status)
     return parser
 
