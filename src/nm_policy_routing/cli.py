@@ -2,6 +2,7 @@
 
 Exit codes: 0 ok, 1 failure, 2 usage, 65 bad policy (EX_DATAERR), 77 not permitted.
 Imports stay inside the commands: ``dispatch`` runs on every NetworkManager event.
+The parser is also the source of the man page and the bash completion (clidoc.py).
 """
 
 from __future__ import annotations
@@ -30,10 +31,38 @@ def _setup_logging(verbose: bool, syslog: bool = False) -> None:
                         format="%(levelname)s %(message)s", handlers=handlers)
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, dry_run: bool = False):
     from .reconcile import Engine
 
-    return Engine(args.state_dir)
+    return Engine(args.state_dir, dry_run=dry_run)
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    print()
+
+
+def _run_nm(coro_fn):
+    """Run ``coro_fn(nm)`` against NetworkManager on the system bus."""
+    import asyncio
+
+    from .adapters.networkmanager import NetworkManagerBus
+
+    async def go():
+        nm = await NetworkManagerBus().connect()
+        try:
+            return await coro_fn(nm)
+        finally:
+            nm.disconnect()
+
+    return asyncio.run(go())
+
+
+def _active_connections() -> list:
+    return _run_nm(lambda nm: nm.active_connections())
+
+
+# ---- doors: dispatcher hook, daemon --------------------------------------------
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
@@ -71,50 +100,79 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _active_connections() -> list:
-    import asyncio
-
-    from .adapters.networkmanager import NetworkManagerBus
-
-    async def snapshot():
-        nm = await NetworkManagerBus().connect()
-        try:
-            return await nm.active_connections()
-        finally:
-            nm.disconnect()
-
-    return asyncio.run(snapshot())
+# ---- reconcile by hand -----------------------------------------------------------
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    result = engine.reconcile(_active_connections())
-    for change in result.changes:
-        print(change)
+def _report(args: argparse.Namespace, result, only: Optional[str] = None) -> int:
+    """Print a reconcile's outcome; exit 65 for invalid policies, 1 for other errors."""
     code = EX_OK
-    for cp in result.plans:
-        if args.connection and args.connection not in (cp.connection.uuid, cp.connection.id, cp.connection.iface):
-            continue
+    plans = [cp for cp in result.plans if not only or only in (cp.connection.uuid, cp.connection.id,
+                                                                 cp.connection.iface)]
+    for cp in plans:
         for error in cp.errors:
             print(error, file=sys.stderr)
-            code = EX_DATAERR if cp.status == "invalid" else EX_FAIL
+            code = max(code, EX_DATAERR if cp.status == "invalid" else EX_FAIL)
+    if getattr(args, "json", False):
+        from .report import allocation_json
+
+        _print_json({"changes": result.changes, "commands": result.commands,
+                     "connections": [{"uuid": cp.connection.uuid, "id": cp.connection.id,
+                                      "status": cp.status, "errors": list(cp.errors),
+                                      "allocation": allocation_json(cp.allocation)} for cp in plans]})
+    elif args.dry_run:
+        from .commands import script
+
+        sys.stdout.write(script(result.commands) or "# nothing to change\n")
+    else:
+        for change in result.changes:
+            print(change)
     return code
 
 
-def _run_nm(coro_fn):
-    """Run ``coro_fn(nm)`` against NetworkManager on the system bus."""
-    import asyncio
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .errors import NetworkManagerError
 
-    from .adapters.networkmanager import NetworkManagerBus
+    engine = _engine(args, args.dry_run)
+    try:
+        conns = _active_connections()
+    except NetworkManagerError as exc:
+        print(f"nm-policy-routing: {exc}; re-applying the connections recorded before", file=sys.stderr)
+        conns = None
+    if args.connection and conns is not None and not any(
+            args.connection in (c.uuid, c.id, c.iface) for c in conns):
+        print(f"nm-policy-routing: connection {args.connection!r} is not active; "
+              "its policy applies when it comes up", file=sys.stderr)
+    return _report(args, engine.reconcile(conns), args.connection)
 
-    async def go():
-        nm = await NetworkManagerBus().connect()
-        try:
-            return await coro_fn(nm)
-        finally:
-            nm.disconnect()
 
-    return asyncio.run(go())
+def _resolve_recorded(args: argparse.Namespace, ref: str) -> str:
+    for uuid, conn in _engine(args).known().items():
+        if ref in (uuid, conn.id, conn.iface):
+            return uuid
+    from .errors import PolicyRoutingError
+
+    raise PolicyRoutingError(f"no applied connection {ref!r} (give its id, UUID or interface; "
+                             "'nm-policy-routing status' lists them)")
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    engine = _engine(args, args.dry_run)
+    if args.connection:
+        result = engine.remove(_resolve_recorded(args, args.connection))
+        if not args.dry_run:
+            print(f"removed; the policy comes back when the connection is activated again or the daemon "
+                  f"re-syncs: to disable it, 'nm-policy-routing set {args.connection} enable no'",
+                  file=sys.stderr)
+    else:
+        result = engine.flush()
+    return _report(args, result)
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    return _report(args, _engine(args, args.dry_run).flush())
+
+
+# ---- profiles: set, unset, show -------------------------------------------------
 
 
 def _full_key(key: str) -> str:
@@ -125,6 +183,7 @@ def _full_key(key: str) -> str:
 
 def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], Dict[str, str]]) -> int:
     """Read the profile's user data, change it, validate, write it back (Update2)."""
+    from .adapters.networkmanager import ACTIVATED
     from .errors import PolicyError
     from .policy import parse_policy
 
@@ -134,28 +193,21 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         label = f"{conn.get('id')} ({conn.get('uuid')})"
         current = dict(settings.get("user", {}).get("data", {}))
         new = change(current)
-        try:
-            parse_policy(new, label)
-        except PolicyError as exc:
-            print(f"nm-policy-routing: {exc}", file=sys.stderr)
-            print("nothing was changed in the profile", file=sys.stderr)
-            return EX_DATAERR, label, None
+        parse_policy(new, label)  # raises PolicyError: nothing is written
         if new != current:
             await nm.set_user_data(path, new)
-        state = await nm.active_state(conn.get("uuid", ""))
-        return EX_OK, label, state
+        return label, await nm.active_state(conn.get("uuid", ""))
 
-    code, label, state = _run_nm(go)
-    if code != EX_OK:
-        return code
+    try:
+        label, state = _run_nm(go)
+    except PolicyError as exc:
+        print(f"nm-policy-routing: {exc}\nnothing was changed in the profile", file=sys.stderr)
+        return EX_DATAERR
     print(f"connection {label}: policy saved")
-    from .adapters.networkmanager import ACTIVATED
-
     if state == ACTIVATED and not _daemon_running(args):
-        engine = _engine(args)
-        result = engine.reconcile(_active_connections())
-        for change in result.changes:
-            print(change)
+        result = _engine(args).reconcile(_active_connections())
+        for change_line in result.changes:
+            print(change_line)
     return EX_OK
 
 
@@ -164,9 +216,8 @@ def _daemon_running(args: argparse.Namespace) -> bool:
 
     from .record import state_dir
 
-    path = os.path.join(state_dir(args.state_dir), "daemon.lock")
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(os.path.join(state_dir(args.state_dir), "daemon.lock"), os.O_RDONLY)
     except OSError:
         return False
     try:
@@ -180,7 +231,8 @@ def _daemon_running(args: argparse.Namespace) -> bool:
 
 def cmd_set(args: argparse.Namespace) -> int:
     if len(args.pairs) % 2:
-        print("nm-policy-routing: set takes KEY VALUE pairs", file=sys.stderr)
+        print("nm-policy-routing: set takes KEY VALUE pairs, e.g. 'set eth1 enable yes table 100'",
+              file=sys.stderr)
         return EX_USAGE
     pairs = {_full_key(k): v for k, v in zip(args.pairs[::2], args.pairs[1::2])}
     return _write_policy(args, lambda current: {**current, **pairs})
@@ -191,73 +243,167 @@ def cmd_unset(args: argparse.Namespace) -> int:
     return _write_policy(args, lambda current: {k: v for k, v in current.items() if k not in keys})
 
 
-def cmd_flush(args: argparse.Namespace) -> int:
-    result = _engine(args).flush()
-    for change in result.changes:
-        print(change)
-    return EX_OK
+def cmd_show(args: argparse.Namespace) -> int:
+    from .config import load
+    from .model import Connection
+    from .planner import plan
+    from .report import allocation_json, show_rows, show_text
+
+    async def go(nm):
+        path, settings = await nm.find_profile(args.connection)
+        conn = settings.get("connection", {})
+        active = [c for c in await nm.active_connections() if c.uuid == conn.get("uuid")]
+        return settings, conn, active
+
+    settings, conn, active = _run_nm(go)
+    user = dict(settings.get("user", {}).get("data", {}))
+    facts = active[0] if active else Connection(
+        uuid=conn.get("uuid", ""), id=conn.get("id", ""), iface=conn.get("interface-name", "") or "",
+        user_data=tuple(sorted(user.items())), type=conn.get("type", ""))
+    defaults = load()
+    engine = _engine(args)
+    inspection = engine.inspect()
+    others = [c for c in engine.known().values() if c.uuid != facts.uuid]
+    cp = plan([facts, *others], inspection.foreign, engine.record().allocations(), defaults).get(facts.uuid)
+    rows = show_rows(user, defaults.with_sources(facts))
+    if args.json:
+        _print_json({"uuid": facts.uuid, "id": facts.id, "iface": facts.iface or None, "active": bool(active),
+                     "keys": rows, "status": cp.status if cp else None, "errors": list(cp.errors) if cp else [],
+                     "allocation": allocation_json(cp.allocation) if cp else None})
+    else:
+        header = f"connection {facts.id} ({facts.uuid}) on {facts.iface or '-'}, " \
+                 f"{'active' if active else 'not active'}"
+        sys.stdout.write(show_text(header, rows, cp))
+    return EX_DATAERR if cp and cp.status == "invalid" else EX_OK
+
+
+# ---- status, explain ----------------------------------------------------------
+
+
+def _inactive_profiles(known: set) -> list:
+    from .model import PREFIX
+
+    async def go(nm):
+        out = []
+        for _, settings in await nm.profiles():
+            conn, user = settings.get("connection", {}), settings.get("user", {}).get("data", {})
+            if conn.get("uuid") not in known and any(k.startswith(PREFIX) for k in user):
+                out.append((conn.get("uuid"), conn.get("id"), conn.get("interface-name", "")))
+        return out
+
+    return _run_nm(go)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    record = _engine(args).record()
-    rows = []
-    for uuid, outcome in sorted(record.data.get("outcomes", {}).items()):
-        if outcome.get("status") == "disabled" and not args.all:
-            continue
-        rows.append({"uuid": uuid, **{k: outcome.get(k) for k in ("id", "iface", "status", "errors")},
-                     "allocation": record.data["allocations"].get(uuid)})
+    from .errors import NetworkManagerError
+    from .report import status_rows, status_text
+
+    engine = _engine(args)
+    inspection = engine.inspect()
+    record = engine.record()
+    try:
+        inactive = _inactive_profiles({cp.connection.uuid for cp in inspection.plans})
+    except NetworkManagerError as exc:
+        print(f"nm-policy-routing: {exc}; inactive profiles are not listed", file=sys.stderr)
+        inactive = []
+    rows = status_rows(inspection.plans, inspection.current, inspection.drift, record.data["outcomes"],
+                       inactive, args.all)
     if args.json:
-        json.dump({"connections": rows}, sys.stdout, indent=2)
-        print()
-        return EX_OK
-    if not rows:
-        print("no connection has a policy")
-    for row in rows:
-        alloc = row["allocation"] or {}
-        where = f" table {alloc.get('table')} priority {alloc.get('priority')}" if alloc else ""
-        print(f"{row['id']:<20} {row['iface'] or '-':<15} {row['status']:<9}{where}")
-        for error in row["errors"] or ():
-            print(f"    {error}")
+        _print_json({"connections": rows, "stray": inspection.stray,
+                     "foreign_marks": [{"mark": str(m), "owner": o} for m, o in inspection.foreign.marks]})
+    else:
+        sys.stdout.write(status_text(rows, inspection.stray, args.verbose))
     return EX_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain, explain_text
+
+    answer = explain(args.destination, source=args.source, iif=args.iif, mark=args.mark)
+    if args.json:
+        _print_json(answer)
+    else:
+        sys.stdout.write(explain_text(answer))
+    return EX_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .clidoc import bash_completion
+
+    sys.stdout.write(bash_completion(build_parser()))
+    return EX_OK
+
+
+def cmd_manpage(args: argparse.Namespace) -> int:
+    from .clidoc import manpage
+
+    sys.stdout.write(manpage(build_parser()))
+    return EX_OK
+
+
+# ---- the parser ------------------------------------------------------------------
+
+EPILOG = """examples (the seed: eth1 is the service interface):
+  nm-policy-routing set eth1 enable yes table 100 fwmark 0x1 priority 1000
+  nm-policy-routing show eth1
+  nm-policy-routing status
+  nm-policy-routing explain 10.0.9.2 --from 10.0.1.2 --iif eth1
+  nm-policy-routing apply --dry-run
+
+exit codes: 0 ok, 1 failure, 2 usage, 65 invalid policy, 77 not permitted"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nm-policy-routing",
-                                     description="Per-connection policy routing for NetworkManager.")
-    parser.add_argument("--state-dir", help="where the record lives (default /run/nm-policy-routing)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    parser = argparse.ArgumentParser(
+        prog="nm-policy-routing", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Per-connection policy routing for NetworkManager: replies leave by the interface "
+                    "the request came in on; connections stay on their interface.")
+    parser.add_argument("--state-dir", metavar="DIR", help="where the record lives (default /run/nm-policy-routing)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more detail (debug log, installed entries)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("dispatch", help="handle one NetworkManager dispatcher event (used by the hook)")
-    p.add_argument("iface")
-    p.add_argument("action")
-    p.set_defaults(func=cmd_dispatch)
+    def add(name: str, func, help_text: str, json_flag: bool = False, dry_run: bool = False):
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        if dry_run:
+            p.add_argument("--dry-run", action="store_true",
+                           help="print the equivalent nft/ip/sysctl commands instead of applying")
+        return p
 
-    p = sub.add_parser("daemon", help="follow NetworkManager over D-Bus and keep policies applied")
-    p.set_defaults(func=cmd_daemon)
-
-    p = sub.add_parser("apply", help="reconcile every active connection now")
-    p.add_argument("connection", nargs="?", help="report only this connection (id, UUID or interface)")
-    p.set_defaults(func=cmd_apply)
-
-    p = sub.add_parser("set", help="write policy keys into a connection profile")
+    p = add("set", cmd_set, "write policy keys into a connection profile (validated first)")
     p.add_argument("connection", help="connection id, UUID or interface name")
-    p.add_argument("pairs", nargs="+", metavar="KEY VALUE", help="e.g. enable yes table 100")
-    p.set_defaults(func=cmd_set)
-
-    p = sub.add_parser("unset", help="remove policy keys from a connection profile")
+    p.add_argument("pairs", nargs="+", metavar="KEY VALUE", help="keys with or without 'nm-policy-routing.'")
+    p = add("unset", cmd_unset, "remove policy keys from a connection profile")
     p.add_argument("connection", help="connection id, UUID or interface name")
     p.add_argument("keys", nargs="+", metavar="KEY")
-    p.set_defaults(func=cmd_unset)
-
-    p = sub.add_parser("flush", help="remove everything of ours from the kernel")
-    p.set_defaults(func=cmd_flush)
-
-    p = sub.add_parser("status", help="every connection with a policy and how it went")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("show", cmd_show, "a connection's effective policy, where each value comes from, and its "
+            "allocations", json_flag=True)
+    p.add_argument("connection", help="connection id, UUID or interface name")
+    p = add("status", cmd_status, "every connection with a policy: applied, not active, error or drift",
+            json_flag=True)
     p.add_argument("--all", action="store_true", help="also active connections without a policy")
-    p.set_defaults(func=cmd_status)
+    p = add("explain", cmd_explain, "how a packet to DESTINATION is routed, and what our policy changed",
+            json_flag=True)
+    p.add_argument("destination", help="destination address")
+    p.add_argument("--from", dest="source", metavar="ADDR", help="source address (a reply's: this host's)")
+    p.add_argument("--iif", metavar="IFACE",
+                   help="the connection came in on IFACE (our incoming marking applies to its reply)")
+    p.add_argument("--mark", metavar="MARK", help="the packet's mark (decimal or 0x hex)")
+    p = add("apply", cmd_apply, "reconcile every active connection now", json_flag=True, dry_run=True)
+    p.add_argument("connection", nargs="?", help="report only this connection (id, UUID or interface)")
+    p = add("remove", cmd_remove, "remove a connection's policy from the kernel (all without CONNECTION)",
+            json_flag=True, dry_run=True)
+    p.add_argument("connection", nargs="?", help="connection id, UUID or interface name")
+    add("flush", cmd_flush, "remove everything of ours from the kernel", json_flag=True, dry_run=True)
+    p = add("dispatch", cmd_dispatch, "handle one NetworkManager dispatcher event (the hook calls it)")
+    p.add_argument("iface")
+    p.add_argument("action")
+    add("daemon", cmd_daemon, "follow NetworkManager over D-Bus and keep every policy applied")
+    add("completion", cmd_completion, "print the bash completion script")
+    add("manpage", cmd_manpage, "print the man page (roff)")
     return parser
 
 
@@ -272,5 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except PolicyRoutingError as exc:
         print(f"nm-policy-routing: {exc}", file=sys.stderr)
         return exc.exit_code
+    except PermissionError as exc:
+        print(f"nm-policy-routing: {exc} (run as root)", file=sys.stderr)
+        return EX_NOPERM
     except KeyboardInterrupt:
         return EX_FAIL

@@ -27,7 +27,8 @@ from .reconcile import Engine
 
 log = logging.getLogger(__name__)
 
-_IP_KEYS = {"Ip4Config", "Ip6Config", "State", "IpInterface", "ActiveConnections", "AddressData", "Gateway"}
+_IP_KEYS = {"Ip4Config", "Ip6Config", "State", "IpInterface", "ActiveConnections", "AddressData", "Gateway",
+            "Startup"}
 
 
 def sd_notify(text: str) -> None:
@@ -118,6 +119,9 @@ class Daemon:
     async def resync(self) -> None:
         assert self.nm is not None and self.loop is not None
         try:
+            if await self.nm.starting_up():
+                log.info("NetworkManager is still starting up; waiting before re-syncing")
+                return
             conns = await self.nm.active_connections()
         except PolicyRoutingError as exc:
             log.error("cannot read NetworkManager's active connections: %s", exc)

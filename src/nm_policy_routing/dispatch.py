@@ -86,6 +86,7 @@ def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, 
         iface=env.get("VPN_IP_IFACE") or env.get("DEVICE_IP_IFACE") or iface,
         addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,
         user_data=tuple(sorted((user or {}).items())),
+        type=env.get("CONNECTION_TYPE", ""),
     )
 
 

@@ -67,6 +67,8 @@ class Connection:
     gateway6: Optional[str] = None
     #: the connection's ``user`` data (all keys; the policy parser picks ours)
     user_data: Tuple[Tuple[str, str], ...] = ()
+    #: NetworkManager's connection.type (for type-specific defaults)
+    type: str = ""
 
     def addresses_of(self, family: int) -> Tuple[Address, ...]:
         return tuple(a for a in self.addresses if a.family == family)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .model import NFT_TABLE, Fwmark, Mark
+from .owners import nft_owner
 
 U32 = 0xFFFFFFFF
 FAMILY = "inet"
@@ -254,6 +255,6 @@ def foreign_marks(ruleset: Dict[str, Any]) -> List[Tuple[Fwmark, str]]:
                 continue
             fw = _touched(mangle.get("value"))
             if fw is not None and fw.mask:
-                owner = f"nft table {rule.get('family')} {rule.get('table')} (chain {rule.get('chain')})"
+                owner = nft_owner(str(rule.get("family")), str(rule.get("table")), str(rule.get("chain")))
                 found.append((fw, owner))
     return found

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import PolicyError
 from .model import (
@@ -32,6 +32,9 @@ from .model import (
     Sysctl,
 )
 from .policy import parse_policy
+
+if TYPE_CHECKING:
+    from .config import Defaults
 
 RP_FILTER = {"off": 0, "strict": 1, "loose": 2}
 _IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
@@ -220,7 +223,7 @@ def plan(
     connections: Sequence[Connection],
     foreign: ForeignUsage = ForeignUsage(),
     previous: Optional[Mapping[str, Allocation]] = None,
-    defaults: Optional[Mapping[str, str]] = None,
+    defaults: Optional["Defaults"] = None,
 ) -> Plan:
     """Compute every connection's plan; the union of the ``ok`` ones is the desired state."""
     previous = previous or {}
@@ -229,11 +232,11 @@ def plan(
     seen_ifaces: Dict[str, str] = {}
     for conn in sorted(connections, key=lambda c: c.uuid):
         try:
-            policy = parse_policy(conn.user, conn.label, defaults)
+            policy = parse_policy(conn.user, conn.label, defaults.for_connection(conn) if defaults else None)
         except PolicyError as exc:
             results[conn.uuid] = ConnectionPlan(conn, None, errors=tuple(exc.problems), status="invalid")
             continue
-        if not policy.enable:
+        if not policy.enable or conn.iface == "lo":
             results[conn.uuid] = ConnectionPlan(conn, policy, status="disabled")
             continue
         problems = []

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .model import Connection, ConnectionPlan, ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
 from .planner import Plan, plan, with_status
 from .record import Record, locked, state_dir
+
+if TYPE_CHECKING:
+    from .config import Defaults
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class Result:
 
     plans: List[ConnectionPlan] = field(default_factory=list)
     changes: List[str] = field(default_factory=list)
+    #: with dry_run: the equivalent shell commands, in order
+    commands: List[str] = field(default_factory=list)
 
     @property
     def errors(self) -> Dict[str, List[str]]:
@@ -56,6 +61,17 @@ class Result:
 
     def plan_of(self, uuid: str) -> Optional[ConnectionPlan]:
         return next((cp for cp in self.plans if cp.connection.uuid == uuid), None)
+
+
+@dataclass
+class Inspection:
+    """What the kernel holds against what the recorded connections' policies ask for."""
+
+    plans: List[ConnectionPlan]
+    current: KernelState
+    drift: Dict[str, List[str]]
+    stray: List[str]
+    foreign: ForeignUsage
 
 
 def _route_key(route: Route) -> tuple:
@@ -68,19 +84,32 @@ class Engine:
     def __init__(
         self,
         directory: Optional[str] = None,
-        defaults: Optional[Mapping[str, str]] = None,
+        defaults: Optional["Defaults"] = None,
         kernel_factory: Optional[Callable[[], Kernel]] = None,
+        dry_run: bool = False,
     ) -> None:
         self.directory = state_dir(directory)
-        self.defaults = dict(defaults or {})
+        self.dry_run = dry_run
+        self._defaults = defaults
         self._kernel_factory = kernel_factory
+
+    def defaults(self) -> "Defaults":
+        """The global defaults file, read at each reconcile (edits apply at the next one)."""
+        if self._defaults is not None:
+            return self._defaults
+        from .config import load
+
+        loaded = load()
+        for problem in loaded.problems:
+            log.error("%s (the defaults file is ignored until fixed)", problem)
+        return loaded if not loaded.problems else type(loaded)(loaded.source)
 
     def _kernel(self) -> Kernel:
         if self._kernel_factory:
             return self._kernel_factory()
-        from .adapters.kernel import LiveKernel
+        from .adapters.kernel import DryRunKernel, LiveKernel
 
-        return LiveKernel()
+        return DryRunKernel() if self.dry_run else LiveKernel()
 
     # ---- doors ---------------------------------------------------------
 
@@ -105,6 +134,32 @@ class Engine:
         """Remove everything of ours from the kernel and forget every connection."""
         return self._run(lambda known: {})
 
+    def inspect(self) -> Inspection:
+        """Read-only: per connection, what is missing or changed in the kernel (drift)."""
+        with locked(self.directory):
+            record = Record.load(self.directory)
+            kernel = self._kernel()
+            try:
+                current = kernel.read(record.sysctl_originals())
+                foreign = kernel.foreign()
+                nft_intact = kernel.nft_intact
+            finally:
+                kernel.close()
+        the_plan = plan(list(record.connections().values()), foreign, record.allocations(), self.defaults())
+        drift: Dict[str, List[str]] = {}
+        wanted = KernelState()
+        for cp in the_plan.connections:
+            wanted = wanted | cp.state
+            missing = cp.state - current
+            lines = [f"missing: {entry}" for entry in missing.entries()]
+            if cp.state.marks and not nft_intact:
+                lines.append("changed: our nft table inet nm_policy_routing is not as written")
+            if lines:
+                drift[cp.connection.uuid] = lines
+        stray = [f"not wanted by any policy: {e}" for e in (current - wanted).entries()
+                 if not isinstance(e, Sysctl)]
+        return Inspection(list(the_plan.connections), current, drift, stray, foreign)
+
     def known(self) -> Dict[str, Connection]:
         return Record.load(self.directory).connections()
 
@@ -116,17 +171,20 @@ class Engine:
     def _run(self, update: Callable[[Dict[str, Connection]], Dict[str, Connection]]) -> Result:
         with locked(self.directory):
             record = Record.load(self.directory)
+            record.readonly = self.dry_run
             conns = update(record.connections())
             kernel = self._kernel()
             try:
-                return self._reconcile(kernel, record, conns)
+                result = self._reconcile(kernel, record, conns)
+                result.commands = list(getattr(kernel, "commands", []))
+                return result
             finally:
                 kernel.close()
 
     def _reconcile(self, kernel: Kernel, record: Record, conns: Dict[str, Connection]) -> Result:
         originals = record.sysctl_originals()
         before = kernel.read(originals)
-        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults)
+        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults())
         record.set_connections(conns)
         record.set_allocations({**{u: a for u, a in record.allocations().items() if u in conns},
                                 **the_plan.allocations})
@@ -163,7 +221,8 @@ class Engine:
             target = KernelState(marks=before.marks)
         self._remove_stale(kernel, record, current, target, result)
         try:
-            self._verify(kernel, record, target)
+            if not self.dry_run:
+                self._verify(kernel, record, target)
         except VerifyError:
             self._rollback(kernel, record, before)
             record.save()
@@ -182,6 +241,8 @@ class Engine:
                     raise KernelError(f"cannot set {entry.name}: interface {entry.iface} does not exist")
                 originals[slot(entry)] = value
                 record.save()  # the original must survive a crash right after the write
+                if value == entry.value:
+                    continue
             kernel.write_sysctl(entry)
             result.changes.append(f"set {entry}")
         for route in sorted(todo.routes):

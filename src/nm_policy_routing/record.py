@@ -49,6 +49,7 @@ def connection_from_json(data: Dict[str, Any]) -> Connection:
         gateway4=data.get("gateway4") or None,
         gateway6=data.get("gateway6") or None,
         user_data=tuple(sorted((str(k), str(v)) for k, v in (data.get("user_data") or {}).items())),
+        type=str(data.get("type") or ""),
     )
 
 
@@ -71,6 +72,8 @@ class Record:
         for key in ("connections", "allocations", "sysctls", "outcomes"):
             self.data.setdefault(key, {})
         self.data["version"] = VERSION
+        #: a dry run reads the record but never writes it
+        self.readonly = False
 
     @property
     def path(self) -> str:
@@ -92,6 +95,8 @@ class Record:
         return cls(directory, data)
 
     def save(self) -> None:
+        if self.readonly:
+            return
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
         try:

@@ -92,8 +92,10 @@ def test_networkmanager_and_daemon_restart_keep_policy_without_duplicates(world:
     assert world.wait_rules(seed_rule)
     applied = world.policy_state()
     world.nm.restart_nm()
-    wait_for(lambda: "activated" in (world.nm.device_state("eth1") or ""), timeout=15)
-    assert wait_for(lambda: world.policy_state() == applied, timeout=10)
+    assert wait_for(lambda: world.nm.device_state("eth1") == "connected", timeout=15)
+    same = wait_for(lambda: world.policy_state() == applied, timeout=10)
+    now = world.policy_state()
+    assert same, ({k: (applied[k], now[k]) for k in now if now[k] != applied[k]}, world.daemon_tail())
     assert world.seed.tcp(Seed.SERVICE4)
     world.stop_daemon()
     world.start_daemon()
@@ -122,11 +124,12 @@ def test_invalid_policy_connection_still_comes_up(world: World) -> None:
     def recorded():
         out = world.cli("status", "--json").stdout
         rows = json.loads(out)["connections"] if out else []
-        return [r for r in rows if r["uuid"] == SERVICE_UUID and r["status"] == "invalid"]
+        return [r for r in rows if r["uuid"] == SERVICE_UUID and r["status"] == "error"
+                and r["reason"] == "invalid"]
 
     rows = wait_for(recorded, timeout=15)
     assert rows, world.cli("status").stdout
     assert "nm-policy-routing.table='253'" in rows[0]["errors"][0]
     assert world.our_rules() == [] and not world.has_nft()
     human = world.cli("status").stdout
-    assert "invalid" in human and "253" in human
+    assert "error" in human and "253" in human

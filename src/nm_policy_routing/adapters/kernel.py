@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from .. import commands
 from ..model import ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
 from . import sysctl
 from .netlink import Netlink
@@ -67,3 +68,36 @@ class LiveKernel:
         self.nft.replace(marks, self.nft_exists)
         self.nft_exists = bool(set(marks))
         self.nft_intact = True
+
+
+class DryRunKernel(LiveKernel):
+    """Reads the live kernel; every write becomes a shell command in :attr:`commands` instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: List[str] = []
+        self._sysctls: Dict[Tuple[str, str, str], int] = {}
+
+    def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]:
+        if (family, iface, key) in self._sysctls:
+            return self._sysctls[(family, iface, key)]
+        return sysctl.read(family, iface, key)
+
+    def write_sysctl(self, entry: Sysctl) -> None:
+        self._sysctls[entry.slot] = entry.value
+        self.commands.append(commands.sysctl(entry))
+
+    def add_route(self, route: Route) -> None:
+        self.commands.append(commands.route("replace", route))
+
+    def del_route(self, route: Route) -> None:
+        self.commands.append(commands.route("delete", route))
+
+    def add_rule(self, rule: Rule) -> None:
+        self.commands.append(commands.rule("add", rule))
+
+    def del_rule(self, rule: Rule) -> None:
+        self.commands.append(commands.rule("delete", rule))
+
+    def set_marks(self, marks: Iterable[Mark]) -> None:
+        self.commands.append(commands.nft_replace(marks, self.nft_exists))

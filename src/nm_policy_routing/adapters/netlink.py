@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, Route, Rule
+from ..owners import rule_owner
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
-
-
-def _owner_of_rule(priority: int, table: int) -> str:
-    if 5200 <= priority <= 5299:
-        return f"Tailscale (rule priority {priority})"
-    if 30768 <= priority <= 31767 or priority == 20053:
-        return f"NetworkManager (rule priority {priority})"
-    return f"a foreign rule (priority {priority}, table {table})"
 
 
 class Netlink:
@@ -101,7 +94,8 @@ class Netlink:
                     continue
                 priorities.add((family, rule.priority))
                 if rule.fwmask:
-                    marks.append((Fwmark(rule.fwmark, rule.fwmask), _owner_of_rule(rule.priority, rule.table)))
+                    owner = rule_owner(rule.priority, rule.table, rule.fwmark, rule.fwmask)
+                    marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
             for route, proto in self._routes(family):
                 if proto != RT_PROTO and route.table not in _RESERVED_TABLES:
                     tables.add((family, route.table))
@@ -109,6 +103,44 @@ class Netlink:
 
     def table_routes(self, table: int) -> List[Tuple[Route, int]]:
         return [(r, p) for f in (4, 6) for r, p in self._routes(f) if r.table == table]
+
+    # ---- for explain ---------------------------------------------------
+
+    def fib_rules(self, destination: str) -> list:
+        family = 6 if ":" in destination else 4
+        return [_fib_rule(msg) for msg in self._ipr.get_rules(family=_AF[family])]
+
+    def fib_routes(self, destination: str) -> dict:
+        from .. import fib
+
+        family = 6 if ":" in destination else 4
+        names = self.link_names()
+        tables: Dict[int, list] = {}
+        for msg in self._ipr.route("dump", family=_AF[family]):
+            dst = msg.get("dst")
+            table = msg.get("table") or msg["table"]
+            tables.setdefault(table, []).append(fib.FibRoute(
+                table=table, dst=f"{dst}/{msg['dst_len']}" if dst else _DEFAULT[family], type=msg["type"],
+                metric=msg.get("priority") or 0, gateway=msg.get("gateway"),
+                oif=names.get(msg.get("oif")), prefsrc=msg.get("prefsrc"), protocol=msg["proto"]))
+        return tables
+
+    def route_get(self, destination: str, source: Optional[str], mark: int) -> Dict[str, Any]:
+        """The kernel's own answer for a locally generated packet."""
+        from pyroute2 import NetlinkError
+
+        args: Dict[str, Any] = {"dst": destination}
+        if source:
+            args["src"] = source
+        if mark:
+            args["mark"] = mark
+        try:
+            msg = self._ipr.route("get", **args)[0]
+        except NetlinkError as exc:
+            return {"error": exc.args[1] if len(exc.args) > 1 else str(exc)}
+        names = self.link_names()
+        return {"table": msg.get("table") or msg["table"], "dev": names.get(msg.get("oif")),
+                "gateway": msg.get("gateway"), "src": msg.get("prefsrc")}
 
     # ---- writing -------------------------------------------------------
 
@@ -127,6 +159,8 @@ class Netlink:
         args = dict(family=_AF[route.family], dst=route.dst, table=route.table, oif=index, proto=RT_PROTO)
         if route.gateway:
             args["gateway"] = route.gateway
+        else:  # on-link, as `ip route` does it
+            args["scope"] = 253
         if route.prefsrc:
             args["prefsrc"] = route.prefsrc
         return args
@@ -159,3 +193,22 @@ class Netlink:
             if exc.code == errno.EPERM:
                 raise NotPermittedError(f"cannot {what}: not permitted (needs root or CAP_NET_ADMIN)") from exc
             raise KernelError(f"the kernel refused to {what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
+
+
+def _fib_rule(msg: Any) -> "fib.FibRule":
+    from .. import fib
+
+    def prefix(key: str, length: int) -> Optional[str]:
+        value = msg.get(key)
+        return f"{value}/{length}" if value and length else None
+
+    suppress = msg.get("suppress_prefixlen")
+    return fib.FibRule(
+        priority=msg.get("priority") or 0, table=msg.get("table") or msg["table"], action=msg["action"],
+        src=prefix("src", msg["src_len"]), dst=prefix("dst", msg["dst_len"]),
+        fwmark=msg.get("fwmark") or 0,
+        fwmask=(msg.get("fwmask") if msg.get("fwmask") is not None else U32) if msg.get("fwmark") else 0,
+        iif=msg.get("iifname"), oif=msg.get("oifname"), invert=bool(msg["flags"] & 2),
+        suppress_prefixlen=-1 if suppress is None or suppress == U32 else suppress,
+        protocol=msg.get("protocol") or 0,
+    )

@@ -25,6 +25,8 @@ PROPS = "org.freedesktop.DBus.Properties"
 
 #: Connection.Active states
 ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
+#: Connection.Active StateFlags: NetworkManager only assumed it (docker bridges, lo...)
+ACTIVATION_EXTERNAL = 0x80
 UPDATE2_TO_DISK = 0x1
 UPDATE2_NO_REAPPLY = 0x40
 
@@ -100,6 +102,10 @@ class NetworkManagerBus:
 
     # ---- connections ---------------------------------------------------
 
+    async def starting_up(self) -> bool:
+        """True while NetworkManager is still starting (its active connections are not all known)."""
+        return bool((await self.props(NM_PATH, NM)).get("Startup", False))
+
     async def active_paths(self) -> List[str]:
         return list((await self.props(NM_PATH, NM)).get("ActiveConnections", []))
 
@@ -140,15 +146,17 @@ class NetworkManagerBus:
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
             addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,
             user_data=tuple(sorted(user.items())),
+            type="external" if int(active.get("StateFlags", 0)) & ACTIVATION_EXTERNAL else active.get("Type", ""),
         )
         return conn, int(active.get("State", 0))
 
     async def active_connections(self) -> List[Connection]:
-        """Every active connection (activating with addresses, or activated)."""
+        """Every active connection (activating with addresses, or activated), external ones left out:
+        NetworkManager does not manage them (lo, docker bridges), so neither do we."""
         out = []
         for path in await self.active_paths():
             found = await self.facts(path)
-            if found and found[1] in (ACTIVATING, ACTIVATED) and found[0].uuid:
+            if found and found[1] in (ACTIVATING, ACTIVATED) and found[0].uuid and found[0].type != "external":
                 out.append(found[0])
         return out
 
@@ -162,12 +170,15 @@ class NetworkManagerBus:
                 return int(props.get("State", 0))
         return None
 
+    async def profiles(self) -> List[Tuple[str, Dict[str, Dict[str, Any]]]]:
+        """Every connection profile: (object path, settings)."""
+        body = await self.call(SETTINGS_PATH, NM + ".Settings", "ListConnections")
+        return [(path, await self.settings(path)) for path in body[0]]
+
     async def find_profile(self, ref: str) -> Tuple[str, Dict[str, Dict[str, Any]]]:
         """A profile by UUID, id or interface name (as nmcli accepts them)."""
-        body = await self.call(SETTINGS_PATH, NM + ".Settings", "ListConnections")
         by_id, by_iface = [], []
-        for path in body[0]:
-            settings = await self.settings(path)
+        for path, settings in await self.profiles():
             conn = settings.get("connection", {})
             if conn.get("uuid") == ref:
                 return path, settings

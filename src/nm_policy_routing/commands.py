@@ -1,0 +1,58 @@
+"""Pure: kernel entries -> the equivalent ``ip``/``nft``/``sysctl`` shell commands (for --dry-run).
+
+Run by a shell in the same network namespace, the commands produce the same kernel
+state as the reconcile that printed them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Iterable, List
+
+from . import nftjson
+from .model import RT_PROTO, Mark, Route, Rule, Sysctl
+
+
+def _q(text: str) -> str:
+    return shlex.quote(text)
+
+
+def rule(verb: str, entry: Rule) -> str:
+    sel = []
+    if entry.src:
+        sel += ["from", f"{entry.src}/{entry.src_len}"]
+    if entry.fwmask:
+        sel += ["fwmark", f"0x{entry.fwmark:x}/0x{entry.fwmask:x}"]
+    words = ["ip", f"-{entry.family}", "rule", verb, "priority", str(entry.priority), *sel,
+             "table", str(entry.table), "protocol", str(RT_PROTO)]
+    return " ".join(_q(w) for w in words)
+
+
+def route(verb: str, entry: Route) -> str:
+    words = ["ip", f"-{entry.family}", "route", verb, entry.dst]
+    if entry.gateway:
+        words += ["via", entry.gateway]
+    words += ["dev", entry.oif]
+    if entry.prefsrc:
+        words += ["src", entry.prefsrc]
+    words += ["table", str(entry.table), "protocol", str(RT_PROTO)]
+    return " ".join(_q(w) for w in words)
+
+
+def sysctl(entry: Sysctl) -> str:
+    # the slash form keeps dotted interface names (eth1.100) intact
+    return f"sysctl -qw {_q(f'net/{entry.family}/conf/{entry.iface}/{entry.key}={entry.value}')}"
+
+
+def nft_replace(marks: Iterable[Mark], exists: bool) -> str:
+    marks = set(marks)
+    if not marks:
+        return "nft delete table inet nm_policy_routing" if exists else ""
+    payload = json.dumps(nftjson.replace_table(marks, exists), separators=(",", ":"))
+    return f"nft -j -f - <<'NFT'\n{payload}\nNFT"
+
+
+def script(lines: List[str]) -> str:
+    body = [line for line in lines if line]
+    return "\n".join(["set -e", *body]) + "\n" if body else ""
