@@ -11,7 +11,7 @@ import shlex
 from typing import Iterable, List
 
 from . import nftjson
-from .model import RT_PROTO, Mark, Route, Rule, Sysctl
+from .model import RT_PROTO, Fwmark, Mark, Route, Rule, Sysctl
 
 
 def _q(text: str) -> str:
@@ -51,6 +51,10 @@ def nft_replace(marks: Iterable[Mark], exists: bool) -> str:
         return "nft delete table inet nm_policy_routing" if exists else ""
     payload = json.dumps(nftjson.replace_table(marks, exists), separators=(",", ":"))
     return f"nft -j -f - <<'NFT'\n{payload}\nNFT"
+
+
+def conntrack_flush(mark: Fwmark) -> str:
+    return f"conntrack -D --mark 0x{mark.value:x}/0x{mark.mask:x} >/dev/null 2>&1 || true"
 
 
 def script(lines: List[str]) -> str:

@@ -27,6 +27,7 @@ from .reconcile import Engine
 
 log = logging.getLogger(__name__)
 
+SAFETY_RESYNC_SECONDS = 60
 _IP_KEYS = {"Ip4Config", "Ip6Config", "State", "IpInterface", "ActiveConnections", "AddressData", "Gateway",
             "Startup"}
 
@@ -151,7 +152,7 @@ class Daemon:
         from .model import RT_PROTO
 
         groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
-        groups |= 0x80000  # RTMGRP_IPV6_RULE (not always exported)
+        groups |= 0x40000  # RTMGRP_IPV6_RULE: 1 << (RTNLGRP_IPV6_RULE - 1)
         with IPRoute() as ipr:
             ipr.bind(groups=groups)
             while not self.stopping:
@@ -168,6 +169,32 @@ class Daemon:
                     elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
                             (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
                         self.schedule(f"{event} of ours")
+
+    def _watch_nftables(self) -> None:
+        """Our nft table deleted or changed by someone (``nft flush ruleset``): resync (a thread)."""
+        from .adapters.nfnetlink import NftWatch
+        from .model import NFT_TABLE
+
+        watch = NftWatch()
+        try:
+            while not self.stopping:
+                try:
+                    events = watch.events()
+                except OSError:
+                    log.exception("nftables watch failed")
+                    time.sleep(1)
+                    continue
+                touched = [name for name, table in events if table == NFT_TABLE]
+                if touched:
+                    self.schedule(f"nftables {', '.join(sorted(set(touched)))} on our table")
+        finally:
+            watch.close()
+
+    async def _safety_net(self) -> None:
+        """A slow periodic resync, for what sends no notification (a sysctl changed by hand)."""
+        while not self.stopping:
+            await asyncio.sleep(SAFETY_RESYNC_SECONDS)
+            self.schedule("periodic check")
 
     # ---- life cycle ----------------------------------------------------
 
@@ -199,6 +226,8 @@ class Daemon:
                                 f"arg0='{NM}'")
         self.owner = await self.nm.name_owner()
         threading.Thread(target=self._watch_netlink, name="netlink-watch", daemon=True).start()
+        threading.Thread(target=self._watch_nftables, name="nftables-watch", daemon=True).start()
+        safety = asyncio.ensure_future(self._safety_net())
         if self.owner:
             await self.resync()
         else:
@@ -214,6 +243,7 @@ class Daemon:
         sd_notify("STOPPING=1")
         self.stopping = True
         self.wake.set()
+        safety.cancel()
         await worker
         self.nm.disconnect()
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
 from .errors import KernelError, PolicyRoutingError, VerifyError
-from .model import Connection, ConnectionPlan, ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
+from .faults import fault_point
+from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from .planner import Plan, plan, with_status
 from .record import Record, locked, state_dir
 
@@ -39,6 +40,7 @@ class Kernel(Protocol):
     def add_rule(self, rule: Rule) -> None: ...
     def del_rule(self, rule: Rule) -> None: ...
     def set_marks(self, marks: Iterable[Mark]) -> None: ...
+    def flush_conntrack(self, mark: Fwmark) -> None: ...
     def close(self) -> None: ...
 
 
@@ -188,6 +190,7 @@ class Engine:
         record.set_connections(conns)
         record.set_allocations({**{u: a for u, a in record.allocations().items() if u in conns},
                                 **the_plan.allocations})
+        record.save()  # allocations first: a crash mid-apply restarts from the same plan
         result = Result()
         plans: List[ConnectionPlan] = []
         added: Dict[str, KernelState] = {}
@@ -243,12 +246,15 @@ class Engine:
                 record.save()  # the original must survive a crash right after the write
                 if value == entry.value:
                     continue
+            fault_point("sysctl")
             kernel.write_sysctl(entry)
             result.changes.append(f"set {entry}")
         for route in sorted(todo.routes):
+            fault_point("route")
             kernel.add_route(route)
             result.changes.append(f"add {route}")
         for rule in sorted(todo.rules):
+            fault_point("rule")
             kernel.add_rule(rule)
             result.changes.append(f"add {rule}")
 
@@ -274,18 +280,26 @@ class Engine:
     def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result) -> None:
         if target.marks == before.marks and kernel.nft_intact:
             return
+        fault_point("nft")
         kernel.set_marks(target.marks)
         result.changes.append(f"nft table: {len(target.marks)} marking entries")
+        gone = {Fwmark(m.value, m.mask) for m in before.marks} - {Fwmark(m.value, m.mask) for m in target.marks}
+        for mark in sorted(gone, key=lambda f: (f.mask, f.value)):
+            fault_point("conntrack")
+            kernel.flush_conntrack(mark)  # its flows re-route at once; no other entry is touched
+            result.changes.append(f"conntrack: deleted the flows marked {mark}")
 
     def _remove_stale(self, kernel: Kernel, record: Record, current: KernelState, target: KernelState,
                       result: Result) -> None:
         stale = current - target
         for rule in sorted(stale.rules):
+            fault_point("rule")
             kernel.del_rule(rule)
             result.changes.append(f"delete {rule}")
         replaced = {_route_key(r) for r in target.routes}
         for route in sorted(stale.routes):
             if _route_key(route) not in replaced:  # 'replace' already overwrote it
+                fault_point("route")
                 kernel.del_route(route)
                 result.changes.append(f"delete {route}")
         wanted = {slot(s) for s in target.sysctls}
@@ -294,6 +308,7 @@ class Engine:
                 continue
             family, iface, name = key.split("/")
             if kernel.read_sysctl(family, iface, name) is not None:
+                fault_point("sysctl")
                 kernel.write_sysctl(Sysctl(family, iface, name, int(original)))
                 result.changes.append(f"restore net.{family}.conf.{iface}.{name}={original}")
             del record.data["sysctls"][key]

@@ -97,6 +97,9 @@ class Record:
     def save(self) -> None:
         if self.readonly:
             return
+        from .faults import fault_point
+
+        fault_point("record")
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .. import commands
-from ..model import ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
-from . import sysctl
+from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
+from . import nfnetlink, sysctl
 from .netlink import Netlink
 from .nftables import Nftables
 
@@ -64,6 +64,9 @@ class LiveKernel:
     def del_rule(self, rule: Rule) -> None:
         self.netlink.del_rule(rule)
 
+    def flush_conntrack(self, mark: Fwmark) -> None:
+        nfnetlink.flush_conntrack_mark(mark.value, mark.mask)
+
     def set_marks(self, marks: Iterable[Mark]) -> None:
         self.nft.replace(marks, self.nft_exists)
         self.nft_exists = bool(set(marks))
@@ -101,3 +104,6 @@ class DryRunKernel(LiveKernel):
 
     def set_marks(self, marks: Iterable[Mark]) -> None:
         self.commands.append(commands.nft_replace(marks, self.nft_exists))
+
+    def flush_conntrack(self, mark: Fwmark) -> None:
+        self.commands.append(commands.conntrack_flush(mark))

@@ -1,0 +1,114 @@
+"""Two small nfnetlink conversations, spoken directly on a netlink socket (stdlib only).
+
+- :func:`flush_conntrack_mark`: delete the conntrack entries whose mark matches
+  VALUE/MASK, in every family, and nothing else (IPCTNL_MSG_CT_DELETE with a mark
+  filter: the kernel's own filtered flush). pyroute2's conntrack API differs between
+  0.7 and 0.9 and dumps one family only, so it is not used for this.
+- :class:`NftWatch`: nftables change notifications (group NFNLGRP_NFTABLES), to notice
+  at once when something else deletes or changes our table (``nft flush ruleset``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import Iterator, List, Tuple
+
+from ..errors import KernelError, NotPermittedError
+from ..model import NFT_TABLE
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
+IPCTNL_MSG_CT_DELETE = 2
+CTA_MARK, CTA_MARK_MASK = 8, 21
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFNLGRP_NFTABLES = 7
+#: nftables messages whose first attribute (type 1) is the table name
+NFT_MSG_NAMES = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule",
+                 9: "newset", 11: "delset", 12: "newsetelem", 14: "delsetelem"}
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _message(msg_type: int, flags: int, body: bytes, seq: int = 1) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
+
+
+def flush_conntrack_mark(value: int, mask: int) -> None:
+    """Delete every conntrack entry with (ct mark & mask) == value; ENOENT (none) is fine."""
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+    body += _attr(CTA_MARK, struct.pack(">I", value)) + _attr(CTA_MARK_MASK, struct.pack(">I", mask))
+    msg = _message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, body)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.settimeout(5)
+        sock.bind((0, 0))
+        sock.send(msg)
+        reply = sock.recv(65536)
+    code = _ack(reply)
+    if code in (0, errno.ENOENT):
+        return
+    if code == errno.EPERM:
+        raise NotPermittedError("cannot flush conntrack entries: not permitted (needs CAP_NET_ADMIN)")
+    raise KernelError(f"conntrack refused to flush mark 0x{value:x}/0x{mask:x}: {os.strerror(code)}")
+
+
+def _ack(reply: bytes) -> int:
+    for msg_type, payload in _messages(reply):
+        if msg_type == NLMSG_ERROR:
+            return -struct.unpack("=i", payload[:4])[0]
+    return 0
+
+
+def _messages(data: bytes) -> Iterator[Tuple[int, bytes]]:
+    offset = 0
+    while offset + 16 <= len(data):
+        length, msg_type = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            break
+        yield msg_type, data[offset + 16:offset + length]
+        offset += (length + 3) & ~3
+
+
+def _first_string_attr(payload: bytes) -> str:
+    """Attribute 1 after the 4-byte nfgenmsg: the table name in nftables messages."""
+    offset = 4
+    while offset + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == 1:
+            return payload[offset + 4:offset + length].split(b"\0", 1)[0].decode(errors="replace")
+        offset += (length + 3) & ~3
+    return ""
+
+
+class NftWatch:
+    """A socket subscribed to nftables notifications; :meth:`events` blocks for the next batch."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+
+    def events(self) -> List[Tuple[str, str]]:
+        """(message name, table) of the next batch of nftables changes."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # we missed some: say "something changed"
+                return [("overrun", NFT_TABLE)]
+            raise
+        out = []
+        for msg_type, payload in _messages(data):
+            if msg_type >> 8 == NFNL_SUBSYS_NFTABLES and (msg_type & 0xFF) in NFT_MSG_NAMES:
+                out.append((NFT_MSG_NAMES[msg_type & 0xFF], _first_string_attr(payload)))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
