@@ -29,6 +29,8 @@ def _setup_logging(verbose: bool, syslog: bool = False) -> None:
         handlers.append(handler)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(message)s", handlers=handlers)
+    for noisy in ("pyroute2", "asyncio"):  # their debug output is not ours to show
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _engine(args: argparse.Namespace, dry_run: bool = False):

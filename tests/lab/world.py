@@ -62,6 +62,26 @@ class World:
 
     # ---- the daemon ----------------------------------------------------
 
+    def start_daemon_faulty(self, fault_at: int, timeout: float = 20) -> bool:
+        """Start the daemon with a fault point armed; True if it killed itself before it was ready."""
+        env = self.cli_env()
+        env["NM_POLICY_ROUTING_FAULT_AT"] = str(fault_at)
+        log_path = os.path.join(self.base, f"daemon-fault-{fault_at}.log")
+
+        def ready() -> bool:
+            with open(log_path) as handle:
+                return "daemon ready" in handle.read()
+
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(["ip", "netns", "exec", self.host.name, CLI, "daemon"], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            wait_for(lambda: proc.poll() is not None or ready(), timeout=timeout)
+            killed = proc.poll() is not None and proc.returncode == -9
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(10)
+        return killed
+
     def start_daemon(self, timeout: float = 20) -> None:
         notify_path = os.path.join(self.base, "notify.sock")
         if os.path.exists(notify_path):
@@ -109,6 +129,34 @@ class World:
 
     # ---- what the kernel holds -----------------------------------------
 
+    def event_env(self, uuid: str, action_iface: str = "eth1") -> Dict[str, str]:
+        """The environment NetworkManager's dispatcher gives a hook for this connection."""
+        env = self.cli_env()
+        env.update(CONNECTION_UUID=uuid, DEVICE_IFACE=action_iface, DEVICE_IP_IFACE=action_iface)
+        return env
+
+    def dispatch(self, uuid: str, action: str, extra_env: Optional[Dict[str, str]] = None,
+                 iface: str = "eth1") -> subprocess.CompletedProcess:
+        env = self.event_env(uuid, iface)
+        env.update(extra_env or {})
+        return self.host.run(CLI, "dispatch", iface, action, env=env, check=False)
+
+    def set_user_data_unchecked(self, uuid: str, data: Dict[str, str]) -> bool:
+        """Write a profile's user data over D-Bus without our validation (as any NM client could);
+        False if NetworkManager itself refused it."""
+        code = (
+            "import asyncio, json, sys\n"
+            "from nm_policy_routing.adapters.networkmanager import NetworkManagerBus\n"
+            "async def go():\n"
+            "    nm = await NetworkManagerBus().connect()\n"
+            "    path, _ = await nm.find_profile(sys.argv[1])\n"
+            "    await nm.set_user_data(path, json.loads(sys.argv[2]))\n"
+            "asyncio.run(go())\n")
+        proc = self.host.run(sys.executable, "-c", code, uuid, json.dumps(data), env=self.cli_env(), check=False)
+        if proc.returncode and "Settings.Connection.Failed" not in proc.stderr:
+            raise RuntimeError(proc.stderr)
+        return proc.returncode == 0
+
     def our_rules(self, family: str = "-4") -> List[Dict[str, Any]]:
         return [r for r in self.host.ipj(family, "rule") if str(r.get("protocol")) in PROTO]
 
@@ -124,6 +172,9 @@ class World:
         nft = json.loads(self.host.run("nft", "-j", "list", "ruleset").stdout or "{}")
         for item in nft.get("nftables", []):
             item.pop("metainfo", None)
+            for obj in item.values():  # handles change when a table is made anew
+                if isinstance(obj, dict):
+                    obj.pop("handle", None)
         return {
             "rules4": self.host.ipj("-4", "rule"),
             "rules6": self.host.ipj("-6", "rule"),

@@ -156,3 +156,20 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_defaults_apply_and_profile_keys_win() -> None:
     policy = parse_policy({P + "table": "200"}, "c", defaults={"enable": "yes", "table": "100"})
     assert policy.enable and policy.table == 200
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEY_TEXT = st.one_of(st.sampled_from([P + k for k in ("enable", "table", "fwmark", "priority", "match",
+                                                      "src-valid-mark", "rp-filter", "family", "routes")]),
+                     st.text(max_size=40).map(lambda t: P + t), st.text(max_size=40))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(KEY_TEXT, st.text(max_size=80), max_size=10))
+def test_arbitrary_user_data_yields_a_policy_or_policy_error(user) -> None:
+    try:
+        parse_policy(user, "fuzz")
+    except PolicyError as exc:
+        assert exc.problems and all(isinstance(p, str) for p in exc.problems)
