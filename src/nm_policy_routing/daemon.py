@@ -146,7 +146,9 @@ class Daemon:
 
     def _watch_netlink(self) -> None:
         """Links coming up, our routes or rules deleted: resync (runs in a thread)."""
-        from pyroute2 import IPRoute
+        from .adapters.netlink import import_iproute
+
+        IPRoute = import_iproute()
         from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE,
                                            RTMGRP_LINK)
         from .model import RT_PROTO

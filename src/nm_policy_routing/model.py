@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import FrozenSet, Mapping, Optional, Tuple
+from typing import Container, FrozenSet, Mapping, Optional, Tuple
 
 PREFIX = "nm-policy-routing."
 
@@ -256,8 +256,9 @@ class KernelState:
 class ForeignUsage:
     """What others already use in the kernel: the planner avoids it and reports clashes."""
 
-    #: (family, table) holding routes that are not ours
-    tables: FrozenSet[Tuple[int, int]] = frozenset()
+    #: tables holding routes that are not ours (any family); a set, or a lazy container
+    #: that asks the kernel about one table at a time
+    tables: Container[int] = frozenset()
     #: (family, priority) holding rules that are not ours
     priorities: FrozenSet[Tuple[int, int]] = frozenset()
     #: mark bits used by foreign rules or nft tables, with who uses them

@@ -132,6 +132,8 @@ def _mangle_mark(stmt: Dict[str, Any], key: str) -> Optional[Fwmark]:
         return Fwmark(value, U32)
     try:
         left, val = value["|"]
+        if left == {key: {"key": "mark"}} and isinstance(val, int):
+            return Fwmark(val, val)  # "& ~M | V" with V == M: nft keeps only "| V"
         inner, keep = left["&"]
     except (KeyError, TypeError, ValueError):
         return None

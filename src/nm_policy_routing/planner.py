@@ -8,10 +8,11 @@ use. A connection whose policy is invalid or conflicts gets an error and no entr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import PolicyError
 from .model import (
@@ -60,16 +61,22 @@ class Plan:
         return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse(user_data: Tuple[Tuple[str, str], ...], label: str, defaults: Tuple[Tuple[str, str], ...]) -> Policy:
+    """parse_policy, remembered: the daemon re-plans every connection on each change."""
+    return parse_policy(dict(user_data), label, dict(defaults))
+
+
 def _hash(uuid: str, salt: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{salt}:{uuid}".encode()).digest()[:8], "big")
 
 
-def _probe(uuid: str, salt: str, low: int, high: int, taken: Set[int]) -> Optional[int]:
+def _probe(uuid: str, salt: str, low: int, high: int, taken: Callable[[int], bool]) -> Optional[int]:
     span = high - low + 1
     start = _hash(uuid, salt) % span
     for step in range(span):
         candidate = low + (start + step) % span
-        if candidate not in taken:
+        if not taken(candidate):
             return candidate
     return None
 
@@ -88,8 +95,10 @@ class _Allocator:
     marks: List[Tuple[Fwmark, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.foreign_tables = {t for _, t in self.foreign.tables}
         self.foreign_priorities = {p for _, p in self.foreign.priorities}
+
+    def table_taken(self, table: int) -> bool:
+        return table in self.tables or table in self.foreign.tables
 
     def mark_clash(self, mark: Fwmark) -> Optional[str]:
         for other, owner in self.foreign.marks:
@@ -100,10 +109,11 @@ class _Allocator:
                 return f"fwmark {mark} overlaps {other} of connection {owner}"
         return None
 
-    def explicit(self, label: str, policy: Policy) -> List[str]:
+    def explicit(self, label: str, policy: Policy, previous: Optional[Allocation]) -> List[str]:
         problems = []
         if policy.table is not None:
-            if policy.table in self.foreign_tables:
+            already_ours = previous is not None and previous.table == policy.table
+            if not already_ours and policy.table in self.foreign.tables:
                 problems.append(f"table {policy.table} already holds routes that are not ours; "
                                 "choose another nm-policy-routing.table or 'auto'")
             elif policy.table in self.tables:
@@ -128,11 +138,12 @@ class _Allocator:
         problems = []
         table = policy.table
         if table is None:
-            if previous and previous.table not in self.tables and previous.table not in self.foreign_tables \
+            # a table we already hold was checked when it was allocated
+            if previous and previous.table not in self.tables \
                     and AUTO_TABLE_RANGE[0] <= previous.table <= AUTO_TABLE_RANGE[1]:
                 table = previous.table
             else:
-                table = _probe(uuid, "table", *AUTO_TABLE_RANGE, set(self.tables) | self.foreign_tables)
+                table = _probe(uuid, "table", *AUTO_TABLE_RANGE, self.table_taken)
         priority = policy.priority
         if priority is None:
             if previous and previous.priority not in self.priorities \
@@ -140,8 +151,8 @@ class _Allocator:
                     and AUTO_PRIORITY_RANGE[0] <= previous.priority <= AUTO_PRIORITY_RANGE[1]:
                 priority = previous.priority
             else:
-                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE,
-                                  set(self.priorities) | self.foreign_priorities)
+                taken = set(self.priorities) | self.foreign_priorities
+                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE, taken.__contains__)
         mark = policy.fwmark if policy.uses_marks else None
         if policy.uses_marks and mark is None:
             mark = self._auto_mark(uuid, previous, problems)
@@ -232,7 +243,8 @@ def plan(
     seen_ifaces: Dict[str, str] = {}
     for conn in sorted(connections, key=lambda c: c.uuid):
         try:
-            policy = parse_policy(conn.user, conn.label, defaults.for_connection(conn) if defaults else None)
+            policy = _parse(conn.user_data, conn.label,
+                            tuple(sorted(defaults.for_connection(conn).items())) if defaults else ())
         except PolicyError as exc:
             results[conn.uuid] = ConnectionPlan(conn, None, errors=tuple(exc.problems), status="invalid")
             continue
@@ -259,7 +271,7 @@ def plan(
         cp[0].uuid,
     ))
     for conn, policy in order:
-        problems = alloc.explicit(conn.label, policy)
+        problems = alloc.explicit(conn.label, policy, previous.get(conn.uuid))
         allocation = None
         if not problems:
             allocation, problems = alloc.take(conn.label, policy, previous.get(conn.uuid), conn.uuid)

@@ -190,7 +190,8 @@ class Engine:
         record.set_connections(conns)
         record.set_allocations({**{u: a for u, a in record.allocations().items() if u in conns},
                                 **the_plan.allocations})
-        record.save()  # allocations first: a crash mid-apply restarts from the same plan
+        self._record_originals(kernel, record, the_plan.desired.sysctls)
+        record.save()  # allocations and originals first: a crash mid-apply restarts from here
         result = Result()
         plans: List[ConnectionPlan] = []
         added: Dict[str, KernelState] = {}
@@ -235,17 +236,23 @@ class Engine:
         record.save()
         return result
 
+    def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:
+        """Remember each sysctl's value before we first change it (the caller saves the record
+        before any change, so the originals survive a crash right after the writes)."""
+        originals = record.data["sysctls"]
+        for entry in wanted:
+            if slot(entry) not in originals:
+                value = kernel.read_sysctl(*entry.slot)
+                if value is not None:
+                    originals[slot(entry)] = value
+
     def _add(self, kernel: Kernel, record: Record, todo: KernelState, result: Result) -> None:
         originals = record.data["sysctls"]
         for entry in sorted(todo.sysctls):
             if slot(entry) not in originals:
-                value = kernel.read_sysctl(*entry.slot)
-                if value is None:
-                    raise KernelError(f"cannot set {entry.name}: interface {entry.iface} does not exist")
-                originals[slot(entry)] = value
-                record.save()  # the original must survive a crash right after the write
-                if value == entry.value:
-                    continue
+                raise KernelError(f"cannot set {entry.name}: interface {entry.iface} does not exist")
+            if kernel.read_sysctl(*entry.slot) == entry.value:
+                continue
             fault_point("sysctl")
             kernel.write_sysctl(entry)
             result.changes.append(f"set {entry}")

@@ -104,7 +104,7 @@ class Record:
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
         try:
             with os.fdopen(fd, "w") as handle:
-                json.dump(self.data, handle, indent=1, sort_keys=True)
+                json.dump(self.data, handle, separators=(",", ":"), sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)

@@ -101,7 +101,7 @@ def test_previous_allocation_is_kept_when_others_arrive() -> None:
 
 def test_auto_avoids_foreign_tables_priorities_and_marks() -> None:
     first = plan([conn("u1", "eth1")]).allocations["u1"]
-    foreign = ForeignUsage(tables=frozenset({(4, first.table)}),
+    foreign = ForeignUsage(tables=frozenset({first.table}),
                            priorities=frozenset({(6, first.priority)}),
                            marks=((first.fwmark, "someone"),))
     second = plan([conn("u1", "eth1")], foreign=foreign).allocations["u1"]
@@ -110,7 +110,7 @@ def test_auto_avoids_foreign_tables_priorities_and_marks() -> None:
 
 
 def test_explicit_conflicts_with_foreign_are_refused_with_a_message() -> None:
-    foreign = ForeignUsage(tables=frozenset({(4, 100)}), priorities=frozenset({(4, 1000)}),
+    foreign = ForeignUsage(tables=frozenset({100}), priorities=frozenset({(4, 1000)}),
                            marks=((Fwmark(-1, 0xF0), "nft table inet fw"),))
     cp = plan([conn("u1", "eth1", table="100", priority="1000", fwmark="0x10/0xf0")], foreign).get("u1")
     assert cp.status == "conflict" and not cp.state
@@ -162,3 +162,13 @@ def test_arbitrary_user_data_never_raises(user: Dict[str, str]) -> None:
     assert cp.status in ("ok", "invalid", "disabled", "conflict")
     if cp.status != "ok":
         assert not cp.state
+
+
+def test_nft_folded_forms_parse_back() -> None:
+    from nm_policy_routing.nftjson import _mangle_mark
+
+    meta = {"meta": {"key": "mark"}}
+    full = {"mangle": {"key": meta, "value": {"|": [meta, 0xFF000000]}}}
+    assert _mangle_mark(full, "meta") == Fwmark(0xFF000000, 0xFF000000)
+    folded = {"mangle": {"key": meta, "value": {"|": [{"&": [meta, 0x01FFFFFF]}, 0x01000000]}}}
+    assert _mangle_mark(folded, "meta") == Fwmark(0x01000000, 0xFF000000)

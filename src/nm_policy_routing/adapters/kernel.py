@@ -24,6 +24,7 @@ class LiveKernel:
         self.netlink.close()
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState:
+        self.netlink.invalidate()
         marks, self.nft_intact, self.nft_exists = self.nft.our_marks()
         return KernelState(
             frozenset(self.netlink.our_rules()),

@@ -21,29 +21,101 @@ _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
 
 
+class _ForeignTables:
+    """``table in tables``: does the kernel hold routes that are not ours in it? Asked per table
+    (a dump the kernel filters), remembered for one reconcile."""
+
+    def __init__(self, netlink: "Netlink") -> None:
+        self._netlink = netlink
+        self._known: Dict[int, bool] = {}
+
+    def __contains__(self, table: object) -> bool:
+        if not isinstance(table, int) or table in _RESERVED_TABLES:
+            return False
+        if table not in self._known:
+            self._known[table] = self._netlink.table_has_foreign_routes(table)
+        return self._known[table]
+
+
+def import_iproute():
+    """pyroute2's IPRoute without pyroute2/__init__.py, which imports everything (~100 ms more).
+
+    The package module is registered bare (its path only), so that submodules import
+    on their own; a pyroute2 already imported in full is used as it is.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if "pyroute2" not in sys.modules:
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is not None and spec.submodule_search_locations:
+            bare = types.ModuleType("pyroute2")
+            bare.__path__ = list(spec.submodule_search_locations)
+            bare.__spec__ = spec
+            bare.__file__ = spec.origin
+            sys.modules["pyroute2"] = bare
+    from pyroute2.iproute.linux import IPRoute
+
+    return IPRoute
+
+
+def import_netlink_error():
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
 class Netlink:
     """One netlink socket in the current network namespace."""
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute  # lazy: see module docstring
+        IPRoute = import_iproute()
+        try:  # strict checking lets the kernel filter dumps (by protocol, table)
+            self._ipr = IPRoute(strict_check=True)
+        except TypeError:
+            self._ipr = IPRoute()
+        self._names: Optional[Dict[int, str]] = None
+        self._rule_dump: Dict[int, List[Tuple[Rule, int]]] = {}
 
-        self._ipr = IPRoute()
-        self._names: Dict[int, str] = {}
+    def invalidate(self) -> None:
+        """Forget what was read: the next reads ask the kernel again."""
+        self._names = None
+        self._rule_dump.clear()
 
     def close(self) -> None:
         self._ipr.close()
 
     # ---- reading -------------------------------------------------------
 
-    def ifindex(self, name: str) -> Optional[int]:
-        found = self._ipr.link_lookup(ifname=name)
-        return found[0] if found else None
+    @staticmethod
+    def ifindex(name: str) -> Optional[int]:
+        """libc's if_nametoindex (an ioctl in this namespace): no link dump."""
+        try:
+            return socket.if_nametoindex(name)
+        except OSError:
+            return None
+
+    @staticmethod
+    def ifname(index: Optional[int]) -> str:
+        if index is None:
+            return ""
+        try:
+            return socket.if_indextoname(index)
+        except OSError:
+            return str(index)
 
     def link_names(self) -> Dict[int, str]:
-        self._names = {link["index"]: link.get("ifname") for link in self._ipr.get_links()}
+        if self._names is None:
+            self._names = {link["index"]: link.get("ifname") for link in self._ipr.get_links()}
         return self._names
 
     def _rules(self, family: int) -> List[Tuple[Rule, int]]:
+        if family not in self._rule_dump:
+            self._rule_dump[family] = self._read_rules(family)
+        return self._rule_dump[family]
+
+    def _read_rules(self, family: int) -> List[Tuple[Rule, int]]:
         out = []
         for msg in self._ipr.get_rules(family=_AF[family]):
             table = msg.get("table") or msg["table"]
@@ -61,10 +133,29 @@ class Netlink:
             out.append((rule, msg.get("protocol") or 0))
         return out
 
-    def _routes(self, family: int) -> List[Tuple[Route, int]]:
-        names = self.link_names()
+    def _dump_routes(self, family: int, proto: Optional[int] = None, table: Optional[int] = None) -> list:
+        """A route dump the kernel filters itself (strict checking): by protocol and/or table."""
+        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+        from pyroute2.netlink.rtnl import RTM_GETROUTE
+        from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+        msg = rtmsg()
+        msg["family"] = _AF[family]
+        if proto is not None:
+            msg["proto"] = proto
+        if table is not None:
+            msg["table"] = table if table < 256 else 252  # RT_TABLE_COMPAT, the attribute says it
+            msg["attrs"] = [("RTA_TABLE", table)]
+        self._ipr.status.setdefault("nlm_generator", False)  # pyroute2 0.9.7 forgets it
+        replies = self._ipr.nlm_request(msg, msg_type=RTM_GETROUTE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
+        # without strict checking (old kernels) the kernel ignores the filter: filter here too
+        return [m for m in replies if (proto is None or m["proto"] == proto)
+                and (table is None or (m.get("table") or m["table"]) == table)]
+
+    def _read_routes(self, family: int, **filters: Any) -> List[Tuple[Route, int]]:
+        names: Dict[Optional[int], str] = {}
         out = []
-        for msg in self._ipr.route("dump", family=_AF[family]):
+        for msg in self._dump_routes(family, **filters):
             table = msg.get("table") or msg["table"]
             dst = msg.get("dst")
             dst = f"{dst}/{msg['dst_len']}" if dst else _DEFAULT[family]
@@ -73,7 +164,7 @@ class Netlink:
                 family=family,
                 table=table,
                 dst=dst,
-                oif=names.get(oif, str(oif)),
+                oif=names[oif] if oif in names else names.setdefault(oif, self.ifname(oif)),
                 gateway=msg.get("gateway"),
                 prefsrc=msg.get("prefsrc"),
             )
@@ -84,10 +175,13 @@ class Netlink:
         return {r for f in (4, 6) for r, proto in self._rules(f) if proto == RT_PROTO}
 
     def our_routes(self) -> Set[Route]:
-        return {r for f in (4, 6) for r, proto in self._routes(f) if proto == RT_PROTO}
+        return {r for f in (4, 6) for r, _ in self._read_routes(f, proto=RT_PROTO)}
+
+    def table_has_foreign_routes(self, table: int) -> bool:
+        return any(proto != RT_PROTO for f in (4, 6) for _, proto in self._read_routes(f, table=table))
 
     def foreign_usage(self) -> ForeignUsage:
-        tables, priorities, marks = set(), set(), []
+        priorities, marks = set(), []
         for family in (4, 6):
             for rule, proto in self._rules(family):
                 if proto == RT_PROTO:
@@ -96,13 +190,10 @@ class Netlink:
                 if rule.fwmask:
                     owner = rule_owner(rule.priority, rule.table, rule.fwmark, rule.fwmask)
                     marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
-            for route, proto in self._routes(family):
-                if proto != RT_PROTO and route.table not in _RESERVED_TABLES:
-                    tables.add((family, route.table))
-        return ForeignUsage(frozenset(tables), frozenset(priorities), tuple(marks))
+        return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
 
     def table_routes(self, table: int) -> List[Tuple[Route, int]]:
-        return [(r, p) for f in (4, 6) for r, p in self._routes(f) if r.table == table]
+        return [(r, p) for f in (4, 6) for r, p in self._read_routes(f, table=table)]
 
     # ---- for explain ---------------------------------------------------
 
@@ -127,7 +218,7 @@ class Netlink:
 
     def route_get(self, destination: str, source: Optional[str], mark: int) -> Dict[str, Any]:
         """The kernel's own answer for a locally generated packet."""
-        from pyroute2 import NetlinkError
+        NetlinkError = import_netlink_error()
 
         args: Dict[str, Any] = {"dst": destination}
         if source:
@@ -181,10 +272,9 @@ class Netlink:
         self._call(f"delete {route}", self._ipr.route, "del", ok=(errno.ESRCH, errno.ENOENT),
                    **self._route_args(route))
 
-    @staticmethod
-    def _call(what: str, fn, *args, ok: Tuple[int, ...] = (), **kwargs) -> None:
-        from pyroute2 import NetlinkError
-
+    def _call(self, what: str, fn, *args, ok: Tuple[int, ...] = (), **kwargs) -> None:
+        NetlinkError = import_netlink_error()
+        self._rule_dump.clear()
         try:
             fn(*args, **kwargs)
         except NetlinkError as exc:

@@ -1,0 +1,80 @@
+"""Runs inside the bench namespace: time the engine for N connections (in-process, like the daemon).
+
+usage: scale_worker.py N STATE_DIR  -> JSON on stdout
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from nm_policy_routing import commands
+from nm_policy_routing.model import Address, Connection
+from nm_policy_routing.reconcile import Engine
+
+def conn(i: int) -> Connection:
+    """Policy connection i: incoming marking with its own mark (the automatic mark bits
+    hold 255 connections; the benchmark goes past that with explicit marks)."""
+    a, b = divmod(i, 250)
+    policy = (("nm-policy-routing.enable", "yes"), ("nm-policy-routing.fwmark", f"0x{i + 1:x}/0xfff"))
+    return Connection(uuid=f"00000000-0000-4000-8000-{i:012d}", id=f"c{i}", iface=f"v{i}",
+                      addresses=(Address(f"10.{100 + a}.{b}.2", 24),), gateway4=f"10.{100 + a}.{b}.1",
+                      user_data=policy)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    n, state = int(sys.argv[1]), sys.argv[2]
+    conns = [conn(i) for i in range(n)]
+    extra = conn(n)
+    out = {}
+    engine = Engine(state)
+    # the floor: the same objects by one `ip -batch` and one `nft -f`
+    dry = Engine(tempfile.mkdtemp(), dry_run=True).reconcile(conns).commands
+    batches = {}
+    for family in ("-4", "-6"):
+        lines = [c[len(f"ip {family} "):] for c in dry if c.startswith(f"ip {family} ")]
+        with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+            f.write("\n".join(lines) + "\n")
+        batches[family] = f.name
+    nft = [c for c in dry if c.startswith("nft ")]
+    sysctls = [c for c in dry if c.startswith("sysctl ")]
+    payload = nft[0].split("\n")[1] if nft else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as g:
+        g.write(payload)
+
+    def floor() -> None:
+        for family, name in batches.items():
+            subprocess.run(["ip", family, "-batch", name], check=True)
+        subprocess.run(["nft", "-j", "-f", g.name], check=True)
+        if sysctls:  # one sysctl process for all of them
+            args = [c.split()[-1].strip("'") for c in sysctls]
+            subprocess.run(["sysctl", "-qw", *args], check=True)
+
+    out["floor_s"] = timed(floor)
+    subprocess.run("nft delete table inet nm_policy_routing; ip -4 rule flush protocol 214; "
+                   "ip -4 route flush table all protocol 214", shell=True, check=True)
+    out["scratch_s"] = timed(lambda: engine.reconcile(conns))
+    ups, downs = [], []
+    for _ in range(10):
+        ups.append(timed(lambda: engine.ensure(extra)))
+        downs.append(timed(lambda: engine.remove(extra.uuid)))
+    out["one_up_s"] = statistics.median(ups)
+    out["one_down_s"] = statistics.median(downs)
+    out["rss_kb"] = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+    engine.flush()
+    for name in [*batches.values(), g.name]:
+        os.unlink(name)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
