@@ -3,13 +3,17 @@
 Layout of ``table inet nm_policy_routing`` (one map lookup per packet per job):
 
     chain prerouting  (filter, prerouting, mangle)
-        ct mark & M vmap @restore_M            # a flow we marked: mark its packets again
-        fib daddr type local iifname vmap @incoming
+        ct mark & M vmap @restore_M            # a flow we marked: mark its packets again, done
+        iifname vmap @incoming                 # a new flow on a policy interface
     chain output      (route, output, mangle)  # 'route' so a changed mark re-routes
         meta mark & M == 0 ct mark & M vmap @restore_M
         meta mark 0 ct mark & U == 0 oifname vmap @outgoing
+    chain in_V_M:       fib daddr type != local return; then as set_V_M (only flows to this host)
     chain set_V_M:      meta mark and ct mark bits M := V   (others kept)
-    chain restore_V_M:  meta mark bits M := V
+    chain restore_V_M:  meta mark bits M := V; accept
+
+A packet of a flow already marked costs one map lookup; only a flow's first packets
+on a policy interface pay the fib lookup.
 
 M is each mask in use (usually one), U their union. Bits outside M are never
 changed. A packet that already carries a mark (its owner's SO_MARK) is never
@@ -53,6 +57,10 @@ def set_chain(mark: Fwmark) -> str:
     return f"set_{mark.value:08x}_{mark.mask:08x}"
 
 
+def in_chain(mark: Fwmark) -> str:
+    return f"in_{mark.value:08x}_{mark.mask:08x}"
+
+
 def restore_chain(mark: Fwmark) -> str:
     return f"restore_{mark.value:08x}_{mark.mask:08x}"
 
@@ -75,18 +83,25 @@ def build(marks: Iterable[Mark]) -> List[Dict[str, Any]]:
         union |= mask
     cmds: List[Dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": NFT_TABLE}}}]
     add = lambda obj: cmds.append({"add": obj})  # noqa: E731
+    incoming = {Fwmark(m.value, m.mask) for m in marks if m.direction == "incoming"}
     for fw in fwmarks:
+        both = (_mark_expr("meta", fw.value, fw.mask), _mark_expr("ct", fw.value, fw.mask))
         add(_obj("chain", name=set_chain(fw)))
-        add(_rule(set_chain(fw), _mark_expr("meta", fw.value, fw.mask), _mark_expr("ct", fw.value, fw.mask)))
+        add(_rule(set_chain(fw), *both))
+        if fw in incoming:
+            add(_obj("chain", name=in_chain(fw)))
+            add(_rule(in_chain(fw), {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                                               "right": "local"}}, {"return": None}))
+            add(_rule(in_chain(fw), *both))
         add(_obj("chain", name=restore_chain(fw)))
-        add(_rule(restore_chain(fw), _mark_expr("meta", fw.value, fw.mask)))
+        add(_rule(restore_chain(fw), _mark_expr("meta", fw.value, fw.mask), {"accept": None}))
     for mask in masks:
         add(_obj("map", name=restore_map(mask), type="mark", map="verdict"))
         elems = [[fw.value, {"jump": {"target": restore_chain(fw)}}] for fw in fwmarks if fw.mask == mask]
         add(_obj("element", name=restore_map(mask), elem=elems))
-    for direction in ("incoming", "outgoing"):
+    for direction, chain_of in (("incoming", in_chain), ("outgoing", set_chain)):
         add(_obj("map", name=direction, type="ifname", map="verdict"))
-        elems = [[m.iface, {"jump": {"target": set_chain(Fwmark(m.value, m.mask))}}]
+        elems = [[m.iface, {"jump": {"target": chain_of(Fwmark(m.value, m.mask))}}]
                  for m in marks if m.direction == direction]
         if elems:
             add(_obj("element", name=direction, elem=elems))
@@ -94,9 +109,7 @@ def build(marks: Iterable[Mark]) -> List[Dict[str, Any]]:
     add(_obj("chain", name="output", type="route", hook="output", prio=-150, policy="accept"))
     for mask in masks:
         add(_rule("prerouting", {"vmap": {"key": _masked("ct", mask), "data": f"@{restore_map(mask)}"}}))
-    add(_rule("prerouting",
-              _eq({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
-              {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@incoming"}}))
+    add(_rule("prerouting", {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@incoming"}}))
     for mask in masks:
         add(_rule("output", _eq(_masked("meta", mask), 0),
                   {"vmap": {"key": _masked("ct", mask), "data": f"@{restore_map(mask)}"}}))
@@ -166,7 +179,7 @@ def parse_table(listing: Dict[str, Any]) -> Tuple[Set[Mark], bool]:
             maps[m["name"]] = m.get("elem", [])
     marks: Set[Mark] = set()
     intact = True
-    for direction in ("incoming", "outgoing"):
+    for direction, chain_of in (("incoming", in_chain), ("outgoing", set_chain)):
         for elem in maps.get(direction, []):
             try:
                 iface, verdict = elem
@@ -174,8 +187,8 @@ def parse_table(listing: Dict[str, Any]) -> Tuple[Set[Mark], bool]:
             except (KeyError, TypeError, ValueError):
                 intact = False
                 continue
-            fw = _chain_mark(chains.get(target, []), both=True)
-            if fw is None or target != set_chain(fw):
+            fw = _chain_mark(chains.get(target, [])[-1:], both=True)
+            if fw is None or target != chain_of(fw):
                 intact = False
                 continue
             marks.add(Mark(direction, iface, fw.value, fw.mask))
@@ -203,7 +216,7 @@ def _chain_mark(rules: List[List[Dict[str, Any]]], both: bool) -> Optional[Fwmar
     if both:
         ct = _mangle_mark(stmts[1], "ct") if len(stmts) == 2 else None
         return meta if meta is not None and meta == ct else None
-    return meta if len(stmts) == 1 else None
+    return meta if len(stmts) == 2 and "accept" in stmts[1] else None
 
 
 def parse_expected(marks: Iterable[Mark]) -> Dict[str, Any]:
