@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -61,10 +62,26 @@ class Plan:
         return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
 
 
+def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
+    """What a validated policy is remembered by: its inputs."""
+    text = json.dumps([user_data, defaults], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(user_data: Tuple[Tuple[str, str], ...], label: str, defaults: Tuple[Tuple[str, str], ...]) -> Policy:
     """parse_policy, remembered: the daemon re-plans every connection on each change."""
     return parse_policy(dict(user_data), label, dict(defaults))
+
+
+def _policy(conn: Connection, defaults: Tuple[Tuple[str, str], ...], cache: Optional[Dict[str, Policy]]) -> Policy:
+    """A connection's policy: from ``cache`` (policies validated before) or parsed now."""
+    if cache is None:
+        return _parse(conn.user_data, conn.label, defaults)
+    key = policy_key(conn.user_data, defaults)
+    if key not in cache:
+        cache[key] = _parse(conn.user_data, conn.label, defaults)
+    return cache[key]
 
 
 def _hash(uuid: str, salt: str) -> int:
@@ -235,16 +252,20 @@ def plan(
     foreign: ForeignUsage = ForeignUsage(),
     previous: Optional[Mapping[str, Allocation]] = None,
     defaults: Optional["Defaults"] = None,
+    policy_cache: Optional[Dict[str, Policy]] = None,
 ) -> Plan:
-    """Compute every connection's plan; the union of the ``ok`` ones is the desired state."""
+    """Compute every connection's plan; the union of the ``ok`` ones is the desired state.
+
+    ``policy_cache`` (policy_key -> Policy) skips validating what was validated before;
+    policies validated now are added to it."""
     previous = previous or {}
     results: Dict[str, ConnectionPlan] = {}
     enabled: List[Tuple[Connection, Policy]] = []
     seen_ifaces: Dict[str, str] = {}
     for conn in sorted(connections, key=lambda c: c.uuid):
         try:
-            policy = _parse(conn.user_data, conn.label,
-                            tuple(sorted(defaults.for_connection(conn).items())) if defaults else ())
+            policy = _policy(conn, tuple(sorted(defaults.for_connection(conn).items())) if defaults else (),
+                             policy_cache)
         except PolicyError as exc:
             results[conn.uuid] = ConnectionPlan(conn, None, errors=tuple(exc.problems), status="invalid")
             continue

@@ -8,11 +8,11 @@ the pydantic boundary. Nothing raises out of :func:`parse_policy` but
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PolicyError
 from .model import MATCH_KINDS, PREFIX, ExtraRoute, Fwmark, Policy
@@ -146,60 +146,68 @@ def parse_routes(text: str) -> Tuple[ExtraRoute, ...]:
     return tuple(routes)
 
 
-class _PolicyInput(BaseModel):
-    """Raw text per key; each validator turns one key into a value or a ValueError."""
+@functools.lru_cache(maxsize=1)
+def _input_model():
+    """The pydantic model, built on first use: importing pydantic costs ~100 ms, and the
+    dispatcher hook's common paths (a remembered policy, a removal) never need it."""
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    class _PolicyInput(BaseModel):
+        """Raw text per key; each validator turns one key into a value or a ValueError."""
 
-    enable: bool = False
-    table: Optional[int] = None
-    fwmark: Optional[Any] = None
-    priority: Optional[int] = None
-    match: Any = frozenset({"incoming"})
-    src_valid_mark: bool = Field(True, alias="src-valid-mark")
-    rp_filter: str = Field("keep", alias="rp-filter")
-    family: str = "both"
-    routes: Any = ()
+        model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    @field_validator("enable", "src_valid_mark", mode="before")
-    @classmethod
-    def _bool(cls, v: str) -> bool:
-        return parse_bool(v)
+        enable: bool = False
+        table: Optional[int] = None
+        fwmark: Optional[Any] = None
+        priority: Optional[int] = None
+        match: Any = frozenset({"incoming"})
+        src_valid_mark: bool = Field(True, alias="src-valid-mark")
+        rp_filter: str = Field("keep", alias="rp-filter")
+        family: str = "both"
+        routes: Any = ()
 
-    @field_validator("table", mode="before")
-    @classmethod
-    def _table(cls, v: str) -> Optional[int]:
-        return parse_table(v)
+        @field_validator("enable", "src_valid_mark", mode="before")
+        @classmethod
+        def _bool(cls, v: str) -> bool:
+            return parse_bool(v)
 
-    @field_validator("priority", mode="before")
-    @classmethod
-    def _priority(cls, v: str) -> Optional[int]:
-        return parse_priority(v)
+        @field_validator("table", mode="before")
+        @classmethod
+        def _table(cls, v: str) -> Optional[int]:
+            return parse_table(v)
 
-    @field_validator("fwmark", mode="before")
-    @classmethod
-    def _fwmark(cls, v: str) -> Optional[Fwmark]:
-        return parse_fwmark(v)
+        @field_validator("priority", mode="before")
+        @classmethod
+        def _priority(cls, v: str) -> Optional[int]:
+            return parse_priority(v)
 
-    @field_validator("match", mode="before")
-    @classmethod
-    def _match(cls, v: str) -> frozenset:
-        return parse_match(v)
+        @field_validator("fwmark", mode="before")
+        @classmethod
+        def _fwmark(cls, v: str) -> Optional[Fwmark]:
+            return parse_fwmark(v)
 
-    @field_validator("rp_filter", mode="before")
-    @classmethod
-    def _rp(cls, v: str) -> str:
-        return parse_choice(v, ("keep", "off", "strict", "loose"))
+        @field_validator("match", mode="before")
+        @classmethod
+        def _match(cls, v: str) -> frozenset:
+            return parse_match(v)
 
-    @field_validator("family", mode="before")
-    @classmethod
-    def _family(cls, v: str) -> str:
-        return parse_choice(v, ("ipv4", "ipv6", "both"))
+        @field_validator("rp_filter", mode="before")
+        @classmethod
+        def _rp(cls, v: str) -> str:
+            return parse_choice(v, ("keep", "off", "strict", "loose"))
 
-    @field_validator("routes", mode="before")
-    @classmethod
-    def _routes(cls, v: str) -> Tuple[ExtraRoute, ...]:
-        return parse_routes(v)
+        @field_validator("family", mode="before")
+        @classmethod
+        def _family(cls, v: str) -> str:
+            return parse_choice(v, ("ipv4", "ipv6", "both"))
+
+        @field_validator("routes", mode="before")
+        @classmethod
+        def _routes(cls, v: str) -> Tuple[ExtraRoute, ...]:
+            return parse_routes(v)
+
+    return _PolicyInput
 
 
 _FIELD_TO_KEY = {"src_valid_mark": "src-valid-mark", "rp_filter": "rp-filter"}
@@ -247,8 +255,10 @@ def parse_policy(
     ours, problems = policy_keys(user_data)
     merged = dict(defaults or {})
     merged.update(ours)
+    from pydantic import ValidationError
+
     try:
-        raw = _PolicyInput.model_validate(merged)
+        raw = _input_model().model_validate(merged)
     except ValidationError as exc:
         for err in exc.errors():
             name = str(err["loc"][0]) if err.get("loc") else "?"

@@ -186,7 +186,10 @@ class Engine:
     def _reconcile(self, kernel: Kernel, record: Record, conns: Dict[str, Connection]) -> Result:
         originals = record.sysctl_originals()
         before = kernel.read(originals)
-        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults())
+        cache = record.policies()
+        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
+        used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
+        record.set_policies({k: p for k, p in cache.items() if p in used})
         record.set_connections(conns)
         record.set_allocations({**{u: a for u, a in record.allocations().items() if u in conns},
                                 **the_plan.allocations})

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Dict, Iterator, Optional
 
-from .model import Address, Allocation, Connection, Fwmark
+from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,31 @@ def allocation_from_json(data: Dict[str, Any]) -> Allocation:
     return Allocation(int(data["table"]), int(data["priority"]), Fwmark(int(fw[0]), int(fw[1])) if fw else None)
 
 
+def policy_to_json(policy: Policy) -> Dict[str, Any]:
+    data = asdict(policy)
+    data["fwmark"] = [policy.fwmark.value, policy.fwmark.mask] if policy.fwmark else None
+    data["match"] = sorted(policy.match)
+    data["routes"] = [[r.prefix, r.via] for r in policy.routes]
+    return data
+
+
+def policy_from_json(data: Dict[str, Any]) -> Policy:
+    fw = data.get("fwmark")
+    return Policy(
+        enable=bool(data["enable"]), table=data.get("table"), priority=data.get("priority"),
+        fwmark=Fwmark(int(fw[0]), int(fw[1])) if fw else None, match=frozenset(data["match"]),
+        src_valid_mark=bool(data["src_valid_mark"]), rp_filter=str(data["rp_filter"]),
+        family=str(data["family"]), routes=tuple(ExtraRoute(p, v) for p, v in data.get("routes", [])),
+    )
+
+
 class Record:
     """The record's content; load with :meth:`load`, persist with :meth:`save`."""
 
     def __init__(self, directory: str, data: Optional[Dict[str, Any]] = None) -> None:
         self.directory = directory
         self.data: Dict[str, Any] = data or {}
-        for key in ("connections", "allocations", "sysctls", "outcomes"):
+        for key in ("connections", "allocations", "sysctls", "outcomes", "policies"):
             self.data.setdefault(key, {})
         self.data["version"] = VERSION
         #: a dry run reads the record but never writes it
@@ -140,6 +158,19 @@ class Record:
 
     def set_allocations(self, allocs: Dict[str, Allocation]) -> None:
         self.data["allocations"] = {u: allocation_to_json(a) for u, a in allocs.items()}
+
+    def policies(self) -> Dict[str, Policy]:
+        """Policies validated before, by planner.policy_key (so the hook need not load pydantic)."""
+        out = {}
+        for key, data in self.data["policies"].items():
+            try:
+                out[key] = policy_from_json(data)
+            except (KeyError, TypeError, ValueError, IndexError):
+                pass
+        return out
+
+    def set_policies(self, policies: Dict[str, Policy]) -> None:
+        self.data["policies"] = {k: policy_to_json(p) for k, p in policies.items()}
 
     def sysctl_originals(self) -> Dict[str, int]:
         """slot "family/iface/key" -> the value before we first changed it."""
