@@ -62,7 +62,7 @@ def daemon_delay(world: World, count: int) -> List[float]:
     return delays
 
 
-def run(count: int = 20) -> Dict[str, Dict[str, float]]:
+def run(count: int = 20, activations: int = 100) -> Dict[str, Dict[str, float]]:
     results: Dict[str, Dict[str, float]] = {}
     with Lab() as lab:
         world = World(lab, hook=False)
@@ -80,7 +80,7 @@ def run(count: int = 20) -> Dict[str, Dict[str, float]]:
                 results[f"hook {action}, daemon running"] = {
                     "ms": median_ms(with_daemon[action]), "baseline_ms": median_ms(base[action])}
             world.nm.down("service")
-            delays = daemon_delay(world, count)
+            delays = daemon_delay(world, activations)
             results["daemon: nmcli up -> rule in kernel, p50"] = {"ms": median_ms(delays), "baseline_ms": None}
             results["daemon: nmcli up -> rule in kernel, p99"] = {"ms": p99_ms(delays), "baseline_ms": None}
         finally:
@@ -90,12 +90,13 @@ def run(count: int = 20) -> Dict[str, Dict[str, float]]:
 
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    results = run(count)
+    results = run(count, int(sys.argv[2]) if len(sys.argv) > 2 else 100)
     print(f"{'measure':<44} {'ratio':>6} {'ours ms':>8} {'baseline ms':>12}")
     for name, row in results.items():
         ratio = f"{row['ms'] / row['baseline_ms']:.2f}" if row["baseline_ms"] else "-"
         print(f"{name:<44} {ratio:>6} {row['ms']:>8} {row['baseline_ms'] if row['baseline_ms'] else '-':>12}")
-    json.dump(results, sys.stdout if False else open(os.path.join(HERE, "hook.json"), "w"), indent=1)
+    with open(os.path.join(HERE, "hook.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -146,8 +146,10 @@ class Netlink:
         if table is not None:
             msg["table"] = table if table < 256 else 252  # RT_TABLE_COMPAT, the attribute says it
             msg["attrs"] = [("RTA_TABLE", table)]
-        self._ipr.status.setdefault("nlm_generator", False)  # pyroute2 0.9.7 forgets it
-        replies = self._ipr.nlm_request(msg, msg_type=RTM_GETROUTE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
+        status = getattr(self._ipr, "status", None)
+        if isinstance(status, dict):
+            status.setdefault("nlm_generator", False)  # pyroute2 0.9.7's sync nlm_request needs it
+        replies = list(self._ipr.nlm_request(msg, msg_type=RTM_GETROUTE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
         # without strict checking (old kernels) the kernel ignores the filter: filter here too
         return [m for m in replies if (proto is None or m["proto"] == proto)
                 and (table is None or (m.get("table") or m["table"]) == table)]
