@@ -146,11 +146,25 @@ def parse_routes(text: str) -> Tuple[ExtraRoute, ...]:
     return tuple(routes)
 
 
+#: field -> the parser that turns its text into a value (or raises ValueError)
+PARSERS = {
+    "enable": parse_bool,
+    "table": parse_table,
+    "fwmark": parse_fwmark,
+    "priority": parse_priority,
+    "match": parse_match,
+    "src_valid_mark": parse_bool,
+    "rp_filter": lambda v: parse_choice(v, ("keep", "off", "strict", "loose")),
+    "family": lambda v: parse_choice(v, ("ipv4", "ipv6", "both")),
+    "routes": parse_routes,
+}
+
+
 @functools.lru_cache(maxsize=1)
 def _input_model():
     """The pydantic model, built on first use: importing pydantic costs ~100 ms, and the
     dispatcher hook's common paths (a remembered policy, a removal) never need it."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
     class _PolicyInput(BaseModel):
         """Raw text per key; each validator turns one key into a value or a ValueError."""
@@ -167,45 +181,10 @@ def _input_model():
         family: str = "both"
         routes: Any = ()
 
-        @field_validator("enable", "src_valid_mark", mode="before")
+        @field_validator("*", mode="before")
         @classmethod
-        def _bool(cls, v: str) -> bool:
-            return parse_bool(v)
-
-        @field_validator("table", mode="before")
-        @classmethod
-        def _table(cls, v: str) -> Optional[int]:
-            return parse_table(v)
-
-        @field_validator("priority", mode="before")
-        @classmethod
-        def _priority(cls, v: str) -> Optional[int]:
-            return parse_priority(v)
-
-        @field_validator("fwmark", mode="before")
-        @classmethod
-        def _fwmark(cls, v: str) -> Optional[Fwmark]:
-            return parse_fwmark(v)
-
-        @field_validator("match", mode="before")
-        @classmethod
-        def _match(cls, v: str) -> frozenset:
-            return parse_match(v)
-
-        @field_validator("rp_filter", mode="before")
-        @classmethod
-        def _rp(cls, v: str) -> str:
-            return parse_choice(v, ("keep", "off", "strict", "loose"))
-
-        @field_validator("family", mode="before")
-        @classmethod
-        def _family(cls, v: str) -> str:
-            return parse_choice(v, ("ipv4", "ipv6", "both"))
-
-        @field_validator("routes", mode="before")
-        @classmethod
-        def _routes(cls, v: str) -> Tuple[ExtraRoute, ...]:
-            return parse_routes(v)
+        def _parse(cls, v: str, info: ValidationInfo) -> Any:
+            return PARSERS[info.field_name](v)
 
     return _PolicyInput
 

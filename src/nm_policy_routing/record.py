@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy
 
@@ -136,38 +136,30 @@ class Record:
     # ---- typed views ---------------------------------------------------
 
     def connections(self) -> Dict[str, Connection]:
-        out = {}
-        for uuid, data in self.data["connections"].items():
-            try:
-                out[uuid] = connection_from_json(data)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("dropping unreadable connection %s from the record: %s", uuid, exc)
-        return out
+        return self._decoded("connections", connection_from_json)
 
     def set_connections(self, conns: Dict[str, Connection]) -> None:
         self.data["connections"] = {u: connection_to_json(c) for u, c in conns.items()}
 
-    def allocations(self) -> Dict[str, Allocation]:
+    def _decoded(self, section: str, decode: Callable[[Any], Any]) -> Dict[str, Any]:
+        """A section's entries decoded; an unreadable entry is dropped (it is re-derived)."""
         out = {}
-        for uuid, data in self.data["allocations"].items():
+        for key, data in self.data[section].items():
             try:
-                out[uuid] = allocation_from_json(data)
-            except (KeyError, TypeError, ValueError, IndexError):
-                pass
+                out[key] = decode(data)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                log.warning("dropping unreadable %s entry %s from the record: %s", section, key, exc)
         return out
+
+    def allocations(self) -> Dict[str, Allocation]:
+        return self._decoded("allocations", allocation_from_json)
 
     def set_allocations(self, allocs: Dict[str, Allocation]) -> None:
         self.data["allocations"] = {u: allocation_to_json(a) for u, a in allocs.items()}
 
     def policies(self) -> Dict[str, Policy]:
         """Policies validated before, by planner.policy_key (so the hook need not load pydantic)."""
-        out = {}
-        for key, data in self.data["policies"].items():
-            try:
-                out[key] = policy_from_json(data)
-            except (KeyError, TypeError, ValueError, IndexError):
-                pass
-        return out
+        return self._decoded("policies", policy_from_json)
 
     def set_policies(self, policies: Dict[str, Policy]) -> None:
         self.data["policies"] = {k: policy_to_json(p) for k, p in policies.items()}
