@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict
 
 from tests.lab.netns import Lab, wait_for

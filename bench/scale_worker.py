@@ -11,7 +11,6 @@ import sys
 import tempfile
 import time
 
-from nm_policy_routing import commands
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
 

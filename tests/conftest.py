@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from tests.lab.netns import PYTHON, Lab, Netns, Seed, run
+from tests.lab.netns import PYTHON, Lab, Netns, Seed
 
 ENGINE_CALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab", "engine_call.py")
 

@@ -23,7 +23,7 @@ import configparser
 import fnmatch
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .errors import PolicyError
 from .model import PREFIX, Connection

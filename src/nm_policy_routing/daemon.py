@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from .adapters.networkmanager import ACTIVE, DEVICE, NM, NM_PATH, PROPS, SETTINGS_CONN, NetworkManagerBus
+from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import PolicyRoutingError
 from .reconcile import Engine
 

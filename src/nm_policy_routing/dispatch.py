@@ -14,6 +14,7 @@ import logging
 import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from .errors import NetworkManagerError
 from .model import Address, Connection
 
 log = logging.getLogger(__name__)
@@ -90,16 +91,22 @@ def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, 
     )
 
 
-async def _from_bus(uuid: str) -> Tuple[Optional[int], Optional[Connection]]:
-    """(state, facts) of the connection as NetworkManager sees it now."""
-    from .adapters.networkmanager import NetworkManagerBus
+async def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optional[Connection]]:
+    """(state, facts) of the connection as NetworkManager sees it now; facts only if asked
+    (a removal needs only the state)."""
+    from .adapters.networkmanager import ACTIVE, NetworkManagerBus
 
     nm = await NetworkManagerBus().connect()
     try:
         for path in await nm.active_paths():
-            found = await nm.facts(path)
-            if found and found[0].uuid == uuid:
-                return found[1], found[0]
+            try:
+                props = await nm.props(path, ACTIVE)
+            except NetworkManagerError:
+                continue  # it went away meanwhile
+            if props.get("Uuid") != uuid:
+                continue
+            found = await nm.facts(path) if with_facts else None
+            return int(props.get("State", 0)), found[0] if found else None
         return None, None
     finally:
         nm.disconnect()
@@ -115,10 +122,9 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if env.get("CONNECTION_EXTERNAL") == "1":
         return f"{action} on {iface}: external connection, not ours to manage"
     from .adapters.networkmanager import ACTIVATED, ACTIVATING
-    from .errors import NetworkManagerError
 
     try:
-        state, bus_facts = asyncio.run(_from_bus(uuid))
+        state, bus_facts = asyncio.run(_from_bus(uuid, with_facts=action in ENSURE))
         bus_ok = True
     except NetworkManagerError as exc:
         log.warning("NetworkManager is not reachable over D-Bus (%s); using the event's environment", exc)

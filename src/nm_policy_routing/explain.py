@@ -8,7 +8,7 @@ with the kernel's rules and routes.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from . import fib
 from .errors import PolicyRoutingError

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Prot
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
-from .planner import Plan, plan, with_status
+from .planner import plan, with_status
 from .record import Record, locked, state_dir
 
 if TYPE_CHECKING:

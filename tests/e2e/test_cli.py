@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Dict, Iterator
 
 import pytest
 
-from tests.lab.netns import Lab, Seed, wait_for
+from tests.lab.netns import Lab, Seed
 from tests.lab.nm import SERVICE_UUID
 from tests.lab.world import World
 

@@ -287,7 +287,8 @@ class Netlink:
             raise KernelError(f"the kernel refused to {what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
 
 
-def _fib_rule(msg: Any) -> "fib.FibRule":
+def _fib_rule(msg: Any) -> Any:
+    """A rule message as the fib model's FibRule."""
     from .. import fib
 
     def prefix(key: str, length: int) -> Optional[str]:
