@@ -18,6 +18,15 @@ How it is isolated:
 - its configuration, keyfiles, state file and log live in the base directory
   (``nm.log``, ``dispatcher.log``, ``dbus.log``, ``dnsmasq.log``).
 
+With ``root`` (a directory holding another Debian system, e.g. a debootstrap tree), the
+NetworkManager, nm-dispatcher and nmcli of that system run, and so does every command
+given to :meth:`NMLab.run_in_host`: in NetworkManager's private mount namespace, the base
+directory (and every bind source) is bind-mounted into ROOT at the same path, /proc,
+/dev, a read-only /sys and a tmpfs on /run are mounted there, then the start script runs
+under ``chroot ROOT``. Commands run with ``nsenter -t <NetworkManager's PID> -m -n -r -w``:
+the same mounts, network namespace and root. The dispatcher finds the scripts ROOT's
+packages installed in ROOT's /usr/lib/NetworkManager/dispatcher.d.
+
 Every process is ended by its PID (SIGTERM, then SIGKILL); nothing is looked up by name.
 """
 
@@ -39,6 +48,8 @@ DHCP_UUID = "5e1f0000-0000-4000-8000-00000000d4c1"
 
 NM_BIN = "/usr/sbin/NetworkManager"
 DISPATCHER_BIN = "/usr/lib/NetworkManager/nm-dispatcher"
+DISPATCHER_BINS = (DISPATCHER_BIN, "/usr/libexec/nm-dispatcher")  # Debian 12, Debian 13
+ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 DNSMASQ_BIN = "/usr/sbin/dnsmasq"
 DISPATCHER_NAME = "org.freedesktop.nm_dispatcher"
 MOUNTED_OVER = ("/run/NetworkManager", "/var/lib/NetworkManager", "/etc/NetworkManager/dispatcher.d", "/run/dbus")
@@ -109,6 +120,19 @@ exec {nm} --no-daemon --debug --config={config} --config-dir={conf_d} --system-c
 """
 
 
+# With a root: runs as `ip netns exec HOST unshare -m --propagation private sh SCRIPT`
+# (the mounts are private to NetworkManager's mount namespace and vanish with it), then
+# the start script runs in ROOT, where every path of the base directory stays valid.
+ENTER_ROOT_SCRIPT = """#!/bin/sh
+set -eu
+{binds}mount -t proc proc {root}/proc
+mount --rbind /dev {root}/dev
+mount -t sysfs -o ro sysfs {root}/sys
+mount -t tmpfs -o mode=0755 tmpfs {root}/run
+exec chroot {root} /bin/sh {start}
+"""
+
+
 class NMLabError(RuntimeError):
     """Something in the lab failed; the message carries the tail of the relevant log."""
 
@@ -124,17 +148,23 @@ class NMLab:
     DEVICES = ("eth0", "eth1")
 
     def __init__(self, seed: Seed, base_dir: str, env: Optional[Mapping[str, str]] = None,
-                 binds: Optional[Mapping[str, str]] = None) -> None:
+                 binds: Optional[Mapping[str, str]] = None, root: Optional[str] = None) -> None:
         """``env``: extra environment for everything started (the dispatcher's PATH is the
         only variable its scripts inherit). ``binds``: {path seen by NetworkManager, its
-        dispatcher and their scripts: directory bind-mounted there}, e.g. a state directory."""
+        dispatcher and their scripts: directory bind-mounted there}, e.g. a state directory.
+        ``root``: run the NetworkManager (and every command) of the system in this directory."""
         self.seed = seed
+        self.root = os.path.realpath(root) if root else None
+        if self.root and not os.path.isfile(self.root + NM_BIN):
+            raise ValueError(f"root {self.root} has no {NM_BIN}: install network-manager there")
+        self._root_mountpoints: List[str] = []
         self.base = os.path.abspath(base_dir)
         self.extra_env = dict(env or {})
         self.binds = {target: os.path.abspath(source) for target, source in (binds or {}).items()}
         if not all(os.path.isabs(target) for target in self.binds):
             raise ValueError(f"bind targets must be absolute paths: {list(self.binds)}")
-        for hidden in (*MOUNTED_OVER, *self.binds):
+        mounted_in_root = ("/run", "/proc", "/sys", "/dev") if self.root else ()
+        for hidden in (*MOUNTED_OVER, *self.binds, *mounted_in_root):
             if self.base == hidden or self.base.startswith(hidden + "/"):
                 raise ValueError(f"base_dir {self.base} must not be under {hidden} (it is mounted over)")
         self.keyfile_dir = self._path("keyfiles")
@@ -172,8 +202,9 @@ class NMLab:
         return f"unix:path={self.bus_socket}"
 
     def env(self) -> Dict[str, str]:
-        """The environment for a process that talks to this lab's bus (and NetworkManager)."""
-        env = dict(os.environ)
+        """The environment for a process that talks to this lab's bus (and NetworkManager);
+        with a root, nothing of this machine's environment but the lab's variables."""
+        env = dict(ROOT_ENV) if self.root else dict(os.environ)
         env.update(self.extra_env)
         env.update(DBUS_SYSTEM_BUS_ADDRESS=self.bus_address, LC_ALL="C")
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
@@ -181,9 +212,15 @@ class NMLab:
 
     def run_in_host(self, *args: str, env: Optional[Mapping[str, str]] = None, check: bool = True,
                     timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess:
-        """Run a command in the host namespace with the lab bus environment (plus ``env``)."""
+        """Run a command in the host namespace with the lab bus environment (plus ``env``);
+        with a root, in NetworkManager's mount namespace and root directory too."""
         full = self.env()
         full.update(env or {})
+        if self.root:
+            if self.nm_pid is None:
+                raise NMLabError(f"NetworkManager is not running: cannot run {args[0]} in {self.root}")
+            return run(["nsenter", "-t", str(self.nm_pid), "-m", "-n", "-r", "-w", "--", *args],
+                       check=check, timeout=timeout, env=full, **kw)
         return self.host.run(*args, check=check, timeout=timeout, env=full, **kw)
 
     def nmcli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -232,11 +269,52 @@ class NMLab:
                               for target, source in self.binds.items())
         script = START_SCRIPT.format(
             bus_dir=q(self.bus_dir), extra_binds=extra_binds, run_dir=q(self.run_dir), lib_dir=q(self.lib_dir), dispatcher_dir=q(self.dispatcher_dir),
-            dispatcher=DISPATCHER_BIN, dispatcher_log=q(self.dispatcher_log),
+            dispatcher=self._dispatcher_bin(), dispatcher_log=q(self.dispatcher_log),
             dispatcher_pid=q(self._path("dispatcher.pid")), dispatcher_name=DISPATCHER_NAME,
             nm=NM_BIN, config=q(self._path("NetworkManager.conf")), conf_d=q(self._path("conf.d")),
             state_file=q(os.path.join(self.lib_dir, "NetworkManager.state")))
         self._write(self._path("start-nm.sh"), script, mode=0o755)
+        if self.root:
+            self._prepare_root()
+
+    def _dispatcher_bin(self) -> str:
+        for path in DISPATCHER_BINS:
+            if os.path.isfile((self.root or "") + path):
+                return path
+        raise NMLabError(f"no nm-dispatcher in {self.root or '/'} (looked for {', '.join(DISPATCHER_BINS)})")
+
+    def _prepare_root(self) -> None:
+        """The script that enters the root; mountpoints for the base directory and bind sources
+        (those created here are removed by :meth:`stop`)."""
+        q = shlex.quote
+        sources = [self.base] + [s for s in self.binds.values() if not s.startswith(self.base + "/")]
+        binds = ""
+        for source in dict.fromkeys(sources):
+            self._make_root_mountpoint(source)
+            binds += f"mount --bind {q(source)} {q(self.root + source)}\n"
+        script = ENTER_ROOT_SCRIPT.format(binds=binds, root=q(self.root), start=q(self._path("start-nm.sh")))
+        self._write(self._path("enter-root.sh"), script, mode=0o755)
+
+    def _make_root_mountpoint(self, path: str) -> None:
+        missing = []
+        while not os.path.exists(self.root + path):
+            missing.append(self.root + path)
+            path = os.path.dirname(path)
+        for directory in reversed(missing):
+            os.mkdir(directory, 0o755)
+            self._root_mountpoints.append(directory)
+        target = self.root + path
+        if os.path.realpath(target) != target:  # a symlink in the root would lead the bind mount astray
+            raise NMLabError(f"{target} is (under) a symlink: choose a base directory outside it")
+
+    def _remove_root_mountpoints(self) -> None:
+        """The empty directories made in the root for bind mounts (the mounts died with NetworkManager)."""
+        for directory in reversed(self._root_mountpoints):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        self._root_mountpoints.clear()
 
     @staticmethod
     def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -270,13 +348,26 @@ class NMLab:
         pid_file = self._path("dispatcher.pid")
         if os.path.exists(pid_file):
             os.unlink(pid_file)
-        args = ["ip", "netns", "exec", self.host.name, "unshare", "-m", "--propagation", "private",
-                self._path("start-nm.sh")]
-        self._nm = self._spawn(args, self.nm_log)  # ip netns exec, unshare and sh all exec: one PID
+        script = self._path("enter-root.sh" if self.root else "start-nm.sh")
+        args = ["ip", "netns", "exec", self.host.name, "unshare", "-m", "--propagation", "private", script]
+        self._nm = self._spawn(args, self.nm_log)  # ip netns exec, unshare, sh (and chroot) all exec: one PID
         self._dispatcher_pid = wait_for(lambda: self._read_pid(pid_file) or self._nm_died(), timeout=10) or None
         self._wait_nm_running(timeout)
+        if self.root:
+            self._check_root()
         for dev in self.DEVICES:
             self._manage(dev, timeout)
+
+    def _check_root(self) -> None:
+        """NetworkManager's PID (the one nsenter uses) is the process that runs in the root."""
+        try:
+            root, exe = os.readlink(f"/proc/{self.nm_pid}/root"), os.readlink(f"/proc/{self.nm_pid}/exe")
+        except OSError as exc:
+            self._nm_died()
+            raise NMLabError(self._failure(f"cannot inspect NetworkManager's process: {exc}")) from None
+        if root != self.root or exe != self.root + NM_BIN:
+            raise NMLabError(self._failure(f"process {self.nm_pid} runs {exe} in {root}, "
+                                           f"not {NM_BIN} in {self.root}"))
 
     @staticmethod
     def _read_pid(path: str) -> Optional[int]:
@@ -339,6 +430,7 @@ class NMLab:
         if self._bus is not None:
             _end_child(self._bus)
             self._bus = None
+        self._remove_root_mountpoints()
 
     def __enter__(self) -> "NMLab":
         try:
