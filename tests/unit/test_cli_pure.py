@@ -101,3 +101,20 @@ def test_facts_from_dispatcher_environment() -> None:
 def test_help_runs_without_root() -> None:
     out = subprocess.run([sys.executable, "-m", "nm_policy_routing", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "explain" in out.stdout
+
+
+def test_a_crash_while_listing_foreign_tables_costs_only_that_check() -> None:
+    import os
+    import signal
+
+    from nm_policy_routing.adapters.nftables import _in_child
+    from nm_policy_routing.errors import KernelError
+
+    assert _in_child(lambda: {"nftables": [1]}) == {"nftables": [1]}
+    assert _in_child(lambda: os.kill(os.getpid(), signal.SIGSEGV)) is None
+
+    def refuse():
+        raise KernelError("nftables refused")
+
+    with pytest.raises(KernelError, match="refused"):
+        _in_child(refuse)
