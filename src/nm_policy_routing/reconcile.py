@@ -223,9 +223,9 @@ class Engine:
         except PolicyRoutingError as exc:
             for todo in added.values():
                 self._undo_adds(kernel, record, todo, before, result)
-            plans = [with_status(cp, "error", [_failed(cp, exc)]) if cp.status == "ok" and cp.state else cp
-                     for cp in plans]
-            target = KernelState(marks=before.marks)
+            plans = [with_status(cp, "error", [_failed(cp, exc)]) if cp.status == "ok" and cp.state - before
+                     else cp for cp in plans]  # a policy already in place stays applied
+            target = before  # keep what was there (the other policies keep working); add nothing
         self._remove_stale(kernel, record, current, target, result)
         try:
             if not self.dry_run:
