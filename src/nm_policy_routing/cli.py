@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, List, Optional
 
 log = logging.getLogger("nm_policy_routing")
 
@@ -174,111 +174,6 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return _report(args, _engine(args, args.dry_run).flush())
 
 
-# ---- profiles: set, unset, show -------------------------------------------------
-
-
-def _full_key(key: str) -> str:
-    from .model import PREFIX
-
-    return key if key.startswith(PREFIX) else PREFIX + key
-
-
-def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], Dict[str, str]]) -> int:
-    """Read the profile's user data, change it, validate, write it back (Update2)."""
-    from .adapters.networkmanager import ACTIVATED
-    from .errors import PolicyError
-    from .policy import parse_policy
-
-    async def go(nm):
-        path, settings = await nm.find_profile(args.connection)
-        conn = settings.get("connection", {})
-        label = f"{conn.get('id')} ({conn.get('uuid')})"
-        current = dict(settings.get("user", {}).get("data", {}))
-        new = change(current)
-        parse_policy(new, label)  # raises PolicyError: nothing is written
-        if new != current:
-            await nm.set_user_data(path, new)
-        return label, await nm.active_state(conn.get("uuid", ""))
-
-    try:
-        label, state = _run_nm(go)
-    except PolicyError as exc:
-        print(f"nm-policy-routing: {exc}\nnothing was changed in the profile", file=sys.stderr)
-        return EX_DATAERR
-    print(f"connection {label}: policy saved")
-    if state == ACTIVATED and not _daemon_running(args):
-        result = _engine(args).reconcile(_active_connections())
-        for change_line in result.changes:
-            print(change_line)
-    return EX_OK
-
-
-def _daemon_running(args: argparse.Namespace) -> bool:
-    import fcntl
-
-    from .record import state_dir
-
-    try:
-        fd = os.open(os.path.join(state_dir(args.state_dir), "daemon.lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def cmd_set(args: argparse.Namespace) -> int:
-    if len(args.pairs) % 2:
-        print("nm-policy-routing: set takes KEY VALUE pairs, e.g. 'set eth1 enable yes table 100'",
-              file=sys.stderr)
-        return EX_USAGE
-    pairs = {_full_key(k): v for k, v in zip(args.pairs[::2], args.pairs[1::2])}
-    return _write_policy(args, lambda current: {**current, **pairs})
-
-
-def cmd_unset(args: argparse.Namespace) -> int:
-    keys = {_full_key(k) for k in args.keys}
-    return _write_policy(args, lambda current: {k: v for k, v in current.items() if k not in keys})
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    from .config import load
-    from .model import Connection
-    from .planner import plan
-    from .report import allocation_json, show_rows, show_text
-
-    async def go(nm):
-        path, settings = await nm.find_profile(args.connection)
-        conn = settings.get("connection", {})
-        active = [c for c in await nm.active_connections() if c.uuid == conn.get("uuid")]
-        return settings, conn, active
-
-    settings, conn, active = _run_nm(go)
-    user = dict(settings.get("user", {}).get("data", {}))
-    facts = active[0] if active else Connection(
-        uuid=conn.get("uuid", ""), id=conn.get("id", ""), iface=conn.get("interface-name", "") or "",
-        user_data=tuple(sorted(user.items())), type=conn.get("type", ""))
-    defaults = load()
-    engine = _engine(args)
-    inspection = engine.inspect()
-    others = [c for c in engine.known().values() if c.uuid != facts.uuid]
-    cp = plan([facts, *others], inspection.foreign, engine.record().allocations(), defaults).get(facts.uuid)
-    rows = show_rows(user, defaults.with_sources(facts))
-    if args.json:
-        _print_json({"uuid": facts.uuid, "id": facts.id, "iface": facts.iface or None, "active": bool(active),
-                     "keys": rows, "status": cp.status if cp else None, "errors": list(cp.errors) if cp else [],
-                     "allocation": allocation_json(cp.allocation) if cp else None})
-    else:
-        header = f"connection {facts.id} ({facts.uuid}) on {facts.iface or '-'}, " \
-                 f"{'active' if active else 'not active'}"
-        sys.stdout.write(show_text(header, rows, cp))
-    return EX_DATAERR if cp and cp.status == "invalid" else EX_OK
-
-
 # ---- status, explain ----------------------------------------------------------
 
 
@@ -374,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true",
                            help="print the equivalent nft/ip/sysctl commands instead of applying")
         return p
+
+    from .cli_profile import cmd_set, cmd_show, cmd_unset
 
     p = add("set", cmd_set, "write policy keys into a connection profile (validated first)")
     p.add_argument("connection", help="connection id, UUID or interface name")
