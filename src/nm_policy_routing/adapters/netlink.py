@@ -75,12 +75,10 @@ class Netlink:
             self._ipr = IPRoute(strict_check=True)
         except TypeError:
             self._ipr = IPRoute()
-        self._names: Optional[Dict[int, str]] = None
         self._rule_dump: Dict[int, List[Tuple[Rule, int]]] = {}
 
     def invalidate(self) -> None:
         """Forget what was read: the next reads ask the kernel again."""
-        self._names = None
         self._rule_dump.clear()
 
     def close(self) -> None:
@@ -104,11 +102,6 @@ class Netlink:
             return socket.if_indextoname(index)
         except OSError:
             return str(index)
-
-    def link_names(self) -> Dict[int, str]:
-        if self._names is None:
-            self._names = {link["index"]: link.get("ifname") for link in self._ipr.get_links()}
-        return self._names
 
     def _rules(self, family: int) -> List[Tuple[Rule, int]]:
         if family not in self._rule_dump:
@@ -194,9 +187,6 @@ class Netlink:
                     marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
         return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
 
-    def table_routes(self, table: int) -> List[Tuple[Route, int]]:
-        return [(r, p) for f in (4, 6) for r, p in self._read_routes(f, table=table)]
-
     # ---- for explain ---------------------------------------------------
 
     def fib_rules(self, destination: str) -> list:
@@ -207,7 +197,6 @@ class Netlink:
         from .. import fib
 
         family = 6 if ":" in destination else 4
-        names = self.link_names()
         tables: Dict[int, list] = {}
         for msg in self._ipr.route("dump", family=_AF[family]):
             dst = msg.get("dst")
@@ -215,7 +204,7 @@ class Netlink:
             tables.setdefault(table, []).append(fib.FibRoute(
                 table=table, dst=f"{dst}/{msg['dst_len']}" if dst else _DEFAULT[family], type=msg["type"],
                 metric=msg.get("priority") or 0, gateway=msg.get("gateway"),
-                oif=names.get(msg.get("oif")), prefsrc=msg.get("prefsrc"), protocol=msg["proto"]))
+                oif=self.ifname(msg.get("oif")) or None, prefsrc=msg.get("prefsrc"), protocol=msg["proto"]))
         return tables
 
     def route_get(self, destination: str, source: Optional[str], mark: int) -> Dict[str, Any]:
@@ -231,8 +220,7 @@ class Netlink:
             msg = self._ipr.route("get", **args)[0]
         except NetlinkError as exc:
             return {"error": exc.args[1] if len(exc.args) > 1 else str(exc)}
-        names = self.link_names()
-        return {"table": msg.get("table") or msg["table"], "dev": names.get(msg.get("oif")),
+        return {"table": msg.get("table") or msg["table"], "dev": self.ifname(msg.get("oif")) or None,
                 "gateway": msg.get("gateway"), "src": msg.get("prefsrc")}
 
     # ---- writing -------------------------------------------------------

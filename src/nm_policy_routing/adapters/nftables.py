@@ -71,9 +71,6 @@ class Nftables:
         cmd = {"nftables": [{"list": {"table": {"family": "inet", "name": NFT_TABLE}}}]}
         return self._run("list our table", cmd, missing_ok=True)
 
-    def exists(self) -> bool:
-        return bool(self.listing().get("nftables"))
-
     def our_marks(self) -> Tuple[Set[Mark], bool, bool]:
         """(marks, intact, exists) of our table as the kernel holds it."""
         listing = self.listing()
