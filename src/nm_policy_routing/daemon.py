@@ -73,8 +73,6 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.wake: Optional[asyncio.Event] = None
         self.stopping = False
-        self.last_signal = 0.0
-        self.resyncs = 0
         self._lock_fd: Optional[int] = None
 
     # ---- signal intake -------------------------------------------------
@@ -101,7 +99,6 @@ class Daemon:
 
     def schedule(self, why: str) -> None:
         """Ask for a resync (thread-safe); bursts collapse into one."""
-        self.last_signal = time.monotonic()
         log.debug("resync requested: %s", why)
         if self.loop and self.wake:
             self.loop.call_soon_threadsafe(self.wake.set)
@@ -135,7 +132,6 @@ class Daemon:
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
-        self.resyncs += 1
         for change in result.changes:
             log.info("%s", change)
         for uuid, errors in result.errors.items():
