@@ -205,18 +205,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         inactive = []
     rows = status_rows(inspection.plans, inspection.current, inspection.drift, record.data["outcomes"],
                        inactive, args.all)
+    from .cli_apps import cgroup_support
+
+    notes = record.data.get("app_notes", {})
+    for row in rows:
+        row["waiting"] = list(notes.get(row["uuid"], []))
+    apps_note = cgroup_support() if any(cp.policy and cp.policy.apps for cp in inspection.plans) else None
     if args.json:
-        _print_json({"connections": rows, "stray": inspection.stray,
+        _print_json({"connections": rows, "stray": inspection.stray, "apps": apps_note,
                      "foreign_marks": [{"mark": str(m), "owner": o} for m, o in inspection.foreign.marks]})
     else:
         sys.stdout.write(status_text(rows, inspection.stray, args.verbose))
+        for row in rows:
+            for note in row["waiting"]:
+                print(f"waiting: {note}")
+        if apps_note:
+            print(f"apps: {apps_note}")
     return EX_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain, explain_text
 
-    answer = explain(args.destination, source=args.source, iif=args.iif, mark=args.mark)
+    answer = explain(args.destination, source=args.source, iif=args.iif, mark=args.mark, uid=args.uid,
+                     unit=args.unit)
     if args.json:
         _print_json(answer)
     else:
@@ -246,6 +258,7 @@ EPILOG = """examples (the seed: eth1 is the service interface):
   nm-policy-routing status
   nm-policy-routing explain 10.0.9.2 --from 10.0.1.2 --iif eth1
   nm-policy-routing apply --dry-run
+  sudo nm-policy-routing run --via eth1 -- curl https://example.org/
 
 exit codes: 0 ok, 1 failure, 2 usage, 65 invalid policy, 77 not permitted"""
 
@@ -291,11 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iif", metavar="IFACE",
                    help="the connection came in on IFACE (our incoming marking applies to its reply)")
     p.add_argument("--mark", metavar="MARK", help="the packet's mark (decimal or 0x hex)")
+    p.add_argument("--uid", metavar="USER", help="a new connection of this user (uid or name)")
+    p.add_argument("--unit", metavar="UNIT", help="a new connection of this systemd unit (or cgroup:/PATH)")
     p = add("apply", cmd_apply, "reconcile every active connection now", json_flag=True, dry_run=True)
     p.add_argument("connection", nargs="?", help="report only this connection (id, UUID or interface)")
     p = add("remove", cmd_remove, "remove a connection's policy from the kernel (all without CONNECTION)",
             json_flag=True, dry_run=True)
     p.add_argument("connection", nargs="?", help="connection id, UUID or interface name")
+    from .cli_apps import cmd_run
+
+    p = add("run", cmd_run, "run one command whose new connections leave by CONNECTION (as the calling user)")
+    p.add_argument("--via", required=True, metavar="CONNECTION", help="connection id, UUID or interface name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     add("flush", cmd_flush, "remove everything of ours from the kernel", json_flag=True, dry_run=True)
     p = add("dispatch", cmd_dispatch, "handle one NetworkManager dispatcher event (the hook calls it)")
     p.add_argument("iface")

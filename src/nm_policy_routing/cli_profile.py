@@ -32,7 +32,11 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         label = f"{conn.get('id')} ({conn.get('uuid')})"
         current = dict(settings.get("user", {}).get("data", {}))
         new = change(current)
-        parse_policy(new, label)  # raises PolicyError: nothing is written
+        from .cli_apps import check_apps
+
+        warnings = check_apps(parse_policy(new, label), label)  # raises PolicyError: nothing is written
+        for warning in warnings:
+            print(f"nm-policy-routing: connection {label}: {warning}", file=sys.stderr)
         if new != current:
             await nm.set_user_data(path, new)
         return label, await nm.active_state(conn.get("uuid", ""))
@@ -113,4 +117,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         header = f"connection {facts.id} ({facts.uuid}) on {facts.iface or '-'}, " \
                  f"{'active' if active else 'not active'}"
         sys.stdout.write(show_text(header, rows, cp))
+        from .cli_apps import app_lines
+
+        notes = engine.record().data.get("app_notes", {}).get(facts.uuid, [])
+        for line in app_lines(cp.policy if cp else None, notes):
+            print(line)
     return EX_DATAERR if cp and cp.status == "invalid" else EX_OK

@@ -11,7 +11,7 @@ import shlex
 from typing import Iterable, List
 
 from . import nftjson
-from .model import RT_PROTO, Fwmark, Mark, Route, Rule, Sysctl
+from .model import RT_PROTO, Fwmark, Mark, Route, Rule, SockMark, Sysctl
 
 
 def _q(text: str) -> str:
@@ -24,6 +24,8 @@ def rule(verb: str, entry: Rule) -> str:
         sel += ["from", f"{entry.src}/{entry.src_len}"]
     if entry.fwmask:
         sel += ["fwmark", f"0x{entry.fwmark:x}/0x{entry.fwmask:x}"]
+    if entry.uid_start >= 0:
+        sel += ["uidrange", f"{entry.uid_start}-{entry.uid_end}"]
     words = ["ip", f"-{entry.family}", "rule", verb, "priority", str(entry.priority), *sel,
              "table", str(entry.table), "protocol", str(RT_PROTO)]
     return " ".join(_q(w) for w in words)
@@ -55,6 +57,13 @@ def nft_replace(marks: Iterable[Mark], exists: bool) -> str:
 
 def conntrack_flush(mark: Fwmark) -> str:
     return f"conntrack -D --mark 0x{mark.value:x}/0x{mark.mask:x} >/dev/null 2>&1 || true"
+
+
+def sockmark(verb: str, entry: SockMark, path: str) -> str:
+    """No shell tool does this without a pinned program: a comment saying what would be done."""
+    where = path or f"{entry.target} (no cgroup now)"
+    return (f"# {verb} the socket-mark program (BPF_CGROUP_INET_SOCK_CREATE, mark "
+            f"0x{entry.value:x}/0x{entry.mask:x}) {'to' if verb == 'attach' else 'from'} cgroup {where}")
 
 
 def script(lines: List[str]) -> str:

@@ -30,6 +30,8 @@ class FibRule:
     invert: bool = False
     suppress_prefixlen: int = -1
     protocol: int = 0
+    uid_start: int = -1
+    uid_end: int = -1
 
     def describe(self) -> str:
         words = [f"{self.priority}:"]
@@ -44,6 +46,8 @@ class FibRule:
             words.append(f"iif {self.iif}")
         if self.oif:
             words.append(f"oif {self.oif}")
+        if self.uid_start >= 0:
+            words.append(f"uidrange {self.uid_start}-{self.uid_end}")
         table = {253: "default", 254: "main", 255: "local"}.get(self.table, str(self.table))
         words.append(TERMINAL.get(self.action, f"lookup {table}"))
         if self.suppress_prefixlen >= 0:
@@ -75,6 +79,7 @@ class Packet:
     src: Optional[str] = None
     mark: int = 0
     iif: str = "lo"  # locally generated
+    uid: int = 0  # the socket owner's uid (a forwarded packet's: none, never in a uid range)
 
 
 def _in(addr: Optional[str], prefix: Optional[str]) -> bool:
@@ -86,7 +91,10 @@ def _in(addr: Optional[str], prefix: Optional[str]) -> bool:
 
 
 def rule_matches(rule: FibRule, pkt: Packet) -> bool:
-    hit = (_in(pkt.src, rule.src) and _in(pkt.dst, rule.dst)
+    # a socket without a source yet looks up with the unspecified address (0.0.0.0 or ::)
+    src = pkt.src or ("::" if ":" in pkt.dst else "0.0.0.0")
+    hit = (_in(src, rule.src) and _in(pkt.dst, rule.dst)
+           and (rule.uid_start < 0 or (pkt.iif == "lo" and rule.uid_start <= pkt.uid <= rule.uid_end))
            and (pkt.mark & rule.fwmask) == (rule.fwmark & rule.fwmask)
            and (rule.iif is None or rule.iif == pkt.iif) and rule.oif is None)
     return hit != rule.invert

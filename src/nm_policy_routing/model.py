@@ -118,6 +118,36 @@ class ExtraRoute:
         return 6 if ":" in self.prefix else 4
 
 
+@dataclass(frozen=True, order=True)
+class App:
+    """Who ``apps`` routes through a connection: ``kind`` is ``uid``, ``unit`` or ``cgroup``.
+
+    ``value`` is the uid (as text), the unit name, or the cgroup path (from the cgroup2 root);
+    ``name`` is what the user wrote (``user:alice`` keeps ``alice``)."""
+
+    kind: str
+    value: str
+    name: str = ""
+
+    @property
+    def uid(self) -> int:
+        return int(self.value)
+
+    @property
+    def needs_cgroup(self) -> bool:
+        return self.kind in ("unit", "cgroup")
+
+    @property
+    def target(self) -> str:
+        """The socket-mark target text: ``unit:NAME`` or ``cgroup:/PATH``."""
+        return f"{self.kind}:{self.value}"
+
+    def __str__(self) -> str:
+        if self.kind == "uid":
+            return f"user:{self.name}" if self.name else f"uid:{self.value}"
+        return self.target
+
+
 @dataclass(frozen=True)
 class Policy:
     """A validated policy. ``None`` for table/fwmark/priority means ``auto``."""
@@ -131,13 +161,15 @@ class Policy:
     rp_filter: str = "keep"
     family: str = "both"
     routes: Tuple[ExtraRoute, ...] = ()
+    #: users, units and cgroups whose new connections leave by this connection
+    apps: Tuple[App, ...] = ()
 
     def wants_family(self, family: int) -> bool:
         return self.family == "both" or self.family == FAMILIES[family]
 
     @property
     def uses_marks(self) -> bool:
-        return bool(self.match & {"incoming", "outgoing"})
+        return bool(self.match & {"incoming", "outgoing"}) or any(a.needs_cgroup for a in self.apps)
 
 
 @dataclass(frozen=True)
@@ -161,6 +193,9 @@ class Rule:
     fwmask: int = 0
     src: Optional[str] = None
     src_len: int = 0
+    #: ``uidrange uid_start-uid_end``; -1 = no uid range
+    uid_start: int = -1
+    uid_end: int = -1
 
     def __str__(self) -> str:
         sel = []
@@ -168,6 +203,8 @@ class Rule:
             sel.append(f"from {self.src}/{self.src_len}")
         if self.fwmask:
             sel.append(f"fwmark 0x{self.fwmark:x}/0x{self.fwmask:x}")
+        if self.uid_start >= 0:
+            sel.append(f"uidrange {self.uid_start}-{self.uid_end}")
         return f"-{self.family} rule priority {self.priority} {' '.join(sel) or 'all'} table {self.table}"
 
 
@@ -200,6 +237,20 @@ class Mark:
 
 
 @dataclass(frozen=True, order=True)
+class SockMark:
+    """A cgroup's new sockets get mark bits ``mask`` := ``value`` (a cgroup BPF program).
+
+    ``target`` is ``unit:NAME`` or ``cgroup:/PATH``; the kernel adapter finds its directory."""
+
+    target: str
+    value: int
+    mask: int
+
+    def __str__(self) -> str:
+        return f"socket mark 0x{self.value:x}/0x{self.mask:x} for {self.target}"
+
+
+@dataclass(frozen=True, order=True)
 class Sysctl:
     """``/proc/sys/net/<family>/conf/<iface>/<key>`` = value."""
 
@@ -228,6 +279,7 @@ class KernelState:
     routes: FrozenSet[Route] = frozenset()
     marks: FrozenSet[Mark] = frozenset()
     sysctls: FrozenSet[Sysctl] = frozenset()
+    sockmarks: FrozenSet[SockMark] = frozenset()
 
     def __or__(self, other: "KernelState") -> "KernelState":
         return KernelState(
@@ -235,6 +287,7 @@ class KernelState:
             self.routes | other.routes,
             self.marks | other.marks,
             self.sysctls | other.sysctls,
+            self.sockmarks | other.sockmarks,
         )
 
     def __sub__(self, other: "KernelState") -> "KernelState":
@@ -243,13 +296,15 @@ class KernelState:
             self.routes - other.routes,
             self.marks - other.marks,
             self.sysctls - other.sysctls,
+            self.sockmarks - other.sockmarks,
         )
 
     def __bool__(self) -> bool:
-        return bool(self.rules or self.routes or self.marks or self.sysctls)
+        return bool(self.rules or self.routes or self.marks or self.sysctls or self.sockmarks)
 
     def entries(self) -> list:
-        return [*sorted(self.sysctls), *sorted(self.routes), *sorted(self.rules), *sorted(self.marks)]
+        return [*sorted(self.sysctls), *sorted(self.routes), *sorted(self.rules), *sorted(self.marks),
+                *sorted(self.sockmarks)]
 
 
 @dataclass(frozen=True)

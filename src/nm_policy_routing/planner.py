@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
+from . import apps
 from .errors import PolicyError
 from .model import (
     AUTO_MARK_MASK,
@@ -244,7 +245,8 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
             sysctls.add(Sysctl("ipv4", iface, "src_valid_mark", 1))
         if policy.rp_filter != "keep":
             sysctls.add(Sysctl("ipv4", iface, "rp_filter", RP_FILTER[policy.rp_filter]))
-    return KernelState(frozenset(rules), frozenset(routes), frozenset(marks), frozenset(sysctls))
+    state = KernelState(frozenset(rules), frozenset(routes), frozenset(marks), frozenset(sysctls))
+    return state | apps.entries(conn, policy, alloc, families)
 
 
 def plan(

@@ -15,11 +15,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 
 from .errors import PolicyError
-from .model import MATCH_KINDS, PREFIX, ExtraRoute, Fwmark, Policy
+from .model import MATCH_KINDS, PREFIX, App, ExtraRoute, Fwmark, Policy
 
 U32 = 0xFFFFFFFF
 MAX_VALUE_SHOWN = 60
 MAX_ROUTES = 64
+MAX_APPS = 64
 
 _DEC = re.compile(r"(?:0|[1-9][0-9]{0,9})\Z")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]{1,8}\Z")
@@ -37,6 +38,8 @@ ACCEPTED = {
     "rp-filter": "keep, off, strict or loose",
     "family": "ipv4, ipv6 or both",
     "routes": "a comma list of 'PREFIX [via GATEWAY]', e.g. '10.9.0.0/16 via 192.0.2.1'",
+    "apps": "a comma list of user:NAME, uid:N, unit:NAME.service (or .slice, .scope), "
+            "cgroup:/PATH (from the cgroup2 root)",
 }
 KEYS = tuple(ACCEPTED)
 
@@ -146,6 +149,54 @@ def parse_routes(text: str) -> Tuple[ExtraRoute, ...]:
     return tuple(routes)
 
 
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?\Z")
+_UNIT = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]+)?\.(service|slice|scope)\Z")
+_CGROUP_PART = re.compile(r"[A-Za-z0-9_.:@\\-]{1,255}\Z")
+
+
+def _app(item: str) -> App:
+    kind, sep, value = item.partition(":")
+    if not sep or not value:
+        raise ValueError(f"{show(item)} is not KIND:VALUE")
+    if kind == "user":
+        if not _USER.match(value):
+            raise ValueError(f"{show(value)} is not a user name")
+        import pwd
+
+        try:
+            return App("uid", str(pwd.getpwnam(value).pw_uid), value)
+        except KeyError:
+            raise ValueError(f"unknown user {show(value)}") from None
+    if kind == "uid":
+        if not _DEC.match(value) or int(value) >= U32:
+            raise ValueError(f"{show(value)} is not a uid (0-4294967294)")
+        return App("uid", str(int(value)))
+    if kind == "unit":
+        if len(value) > 255 or not _UNIT.match(value):
+            raise ValueError(f"{show(value)} is not a unit name ending in .service, .slice or .scope")
+        return App("unit", value)
+    if kind == "cgroup":
+        parts = value.strip("/").split("/")
+        if not value.startswith("/") or len(value) > 4096 or value.strip("/") == "" \
+                or any(p in (".", "..") or not _CGROUP_PART.match(p) for p in parts):
+            raise ValueError(f"{show(value)} is not a cgroup path like /system.slice/backup.service")
+        return App("cgroup", "/" + "/".join(parts))
+    raise ValueError(f"unknown kind {show(kind)} (user, uid, unit, cgroup)")
+
+
+def parse_apps(text: str) -> Tuple[App, ...]:
+    if not text.strip(" "):
+        return ()
+    apps: List[App] = []
+    for item in text.split(","):
+        app = _app(item.strip(" "))
+        if app not in apps:
+            apps.append(app)
+    if len(apps) > MAX_APPS:
+        raise ValueError("too many entries")
+    return tuple(apps)
+
+
 #: field -> the parser that turns its text into a value (or raises ValueError)
 PARSERS = {
     "enable": parse_bool,
@@ -157,6 +208,7 @@ PARSERS = {
     "rp_filter": lambda v: parse_choice(v, ("keep", "off", "strict", "loose")),
     "family": lambda v: parse_choice(v, ("ipv4", "ipv6", "both")),
     "routes": parse_routes,
+    "apps": parse_apps,
 }
 
 
@@ -180,6 +232,7 @@ def _input_model():
         rp_filter: str = Field("keep", alias="rp-filter")
         family: str = "both"
         routes: Any = ()
+        apps: Any = ()
 
         @field_validator("*", mode="before")
         @classmethod
@@ -261,6 +314,7 @@ def parse_policy(
         rp_filter=raw.rp_filter,
         family=raw.family,
         routes=raw.routes,
+        apps=raw.apps,
     )
     return policy
 

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
+from . import apps
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
@@ -148,9 +149,15 @@ class Engine:
             finally:
                 kernel.close()
         the_plan = plan(list(record.connections().values()), foreign, record.allocations(), self.defaults())
+        kernel = self._kernel()
+        try:
+            plans, _ = apps.settle(kernel, the_plan.connections)
+            current = current | apps.read(kernel, apps.targets(plans) | set(record.data.get("sockmarks", [])))
+        finally:
+            kernel.close()
         drift: Dict[str, List[str]] = {}
         wanted = KernelState()
-        for cp in the_plan.connections:
+        for cp in plans:
             wanted = wanted | cp.state
             missing = cp.state - current
             lines = [f"missing: {entry}" for entry in missing.entries()]
@@ -160,7 +167,7 @@ class Engine:
                 drift[cp.connection.uuid] = lines
         stray = [f"not wanted by any policy: {e}" for e in (current - wanted).entries()
                  if not isinstance(e, Sysctl)]
-        return Inspection(list(the_plan.connections), current, drift, stray, foreign)
+        return Inspection(list(plans), current, drift, stray, foreign)
 
     def known(self) -> Dict[str, Connection]:
         return Record.load(self.directory).connections()
@@ -188,6 +195,8 @@ class Engine:
         before = kernel.read(originals)
         cache = record.policies()
         the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
+        planned, notes = apps.settle(kernel, the_plan.connections)
+        before = before | apps.read(kernel, apps.targets(planned) | set(record.data.get("sockmarks", [])))
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
         record.set_policies({k: p for k, p in cache.items() if p in used})
         record.set_connections(conns)
@@ -199,7 +208,7 @@ class Engine:
         plans: List[ConnectionPlan] = []
         added: Dict[str, KernelState] = {}
         current = before
-        for cp in the_plan.connections:
+        for cp in planned:
             if cp.status != "ok" or not cp.state:
                 plans.append(cp)
                 continue
@@ -236,6 +245,10 @@ class Engine:
             raise
         result.plans = plans
         self._record_outcomes(record, plans)
+        record.data["sockmarks"] = sorted({s.target for s in target.sockmarks})
+        record.data["app_notes"] = notes
+        for note in (n for ns in notes.values() for n in ns):
+            log.info("%s", note)
         record.save()
         return result
 
@@ -267,10 +280,15 @@ class Engine:
             fault_point("rule")
             kernel.add_rule(rule)
             result.changes.append(f"add {rule}")
+        for entry in sorted(todo.sockmarks):  # after the rules: a marked socket finds its table
+            kernel.attach_sockmark(entry)
+            result.changes.append(f"attach {entry}")
 
     def _undo_adds(self, kernel: Kernel, record: Record, todo: KernelState, before: KernelState,
                    result: Result) -> None:
         """Best effort: take back a connection's adds that were not there before."""
+        for entry in sorted(todo.sockmarks - before.sockmarks):
+            _quietly(kernel.detach_sockmark, entry)
         for rule in sorted(todo.rules - before.rules):
             _quietly(kernel.del_rule, rule)
         kept = {_route_key(r) for r in before.routes}
@@ -302,6 +320,9 @@ class Engine:
     def _remove_stale(self, kernel: Kernel, record: Record, current: KernelState, target: KernelState,
                       result: Result) -> None:
         stale = current - target
+        for entry in sorted(stale.sockmarks):  # before the rules: no socket is marked for a gone table
+            kernel.detach_sockmark(entry)
+            result.changes.append(f"detach {entry}")
         for rule in sorted(stale.rules):
             fault_point("rule")
             kernel.del_rule(rule)
@@ -338,7 +359,7 @@ class Engine:
     def _verify(self, kernel: Kernel, record: Record, target: KernelState) -> None:
         after = kernel.read(record.sysctl_originals())
         problems = []
-        for kind in ("rules", "routes", "marks"):
+        for kind in ("rules", "routes", "marks", "sockmarks"):
             want, have = getattr(target, kind), getattr(after, kind)
             problems += [f"missing {e}" for e in sorted(want - have)]
             problems += [f"unexpected {e}" for e in sorted(have - want)]

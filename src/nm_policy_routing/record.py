@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy
+from .model import Address, Allocation, App, Connection, ExtraRoute, Fwmark, Policy
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def policy_to_json(policy: Policy) -> Dict[str, Any]:
     data["fwmark"] = [policy.fwmark.value, policy.fwmark.mask] if policy.fwmark else None
     data["match"] = sorted(policy.match)
     data["routes"] = [[r.prefix, r.via] for r in policy.routes]
+    data["apps"] = [[a.kind, a.value, a.name] for a in policy.apps]
     return data
 
 
@@ -78,6 +79,7 @@ def policy_from_json(data: Dict[str, Any]) -> Policy:
         fwmark=Fwmark(int(fw[0]), int(fw[1])) if fw else None, match=frozenset(data["match"]),
         src_valid_mark=bool(data["src_valid_mark"]), rp_filter=str(data["rp_filter"]),
         family=str(data["family"]), routes=tuple(ExtraRoute(p, v) for p, v in data.get("routes", [])),
+        apps=tuple(App(str(k), str(v), str(n)) for k, v, n in data.get("apps", [])),
     )
 
 

@@ -8,7 +8,7 @@ from .model import PREFIX, Allocation, ConnectionPlan, KernelState
 from .policy import KEYS
 
 BUILT_IN = {"enable": "no", "table": "auto", "fwmark": "auto", "priority": "auto", "match": "incoming",
-            "src-valid-mark": "yes", "rp-filter": "keep", "family": "both", "routes": ""}
+            "src-valid-mark": "yes", "rp-filter": "keep", "family": "both", "routes": "", "apps": ""}
 STATUS_WORDS = {"ok": "applied", "invalid": "error", "conflict": "conflict", "error": "error",
                 "disabled": "disabled"}
 
@@ -46,7 +46,7 @@ def status_rows(plans: Iterable[ConnectionPlan], current: KernelState, drift: Ma
 
 
 def _all(state: KernelState) -> set:
-    return set(state.rules) | set(state.routes) | set(state.marks) | set(state.sysctls)
+    return set(state.rules) | set(state.routes) | set(state.marks) | set(state.sysctls) | set(state.sockmarks)
 
 
 def status_text(rows: List[Dict[str, Any]], stray: List[str], verbose: bool = False) -> str:

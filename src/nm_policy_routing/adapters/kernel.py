@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .. import commands
-from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
-from . import nfnetlink, sysctl
+from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, SockMark, Sysctl
+from . import cgroups, nfnetlink, sysctl
 from .netlink import Netlink
 from .nftables import Nftables
 
@@ -19,6 +19,8 @@ class LiveKernel:
         self.nft = Nftables()
         self.nft_exists = False
         self.nft_intact = True
+        self.sockmark_targets: Set[str] = set()
+        self._paths: Dict[str, Optional[str]] = {}
 
     def close(self) -> None:
         self.netlink.close()
@@ -31,7 +33,48 @@ class LiveKernel:
             frozenset(self.netlink.our_routes()),
             frozenset(marks),
             frozenset(self.read_sysctls(sysctl_slots)),
+            frozenset(self._sockmarks()),
         )
+
+    # ---- socket marks by cgroup (apps) ------------------------------------
+
+    def cgroup_path(self, target: str) -> Optional[str]:
+        """The target's cgroup directory, asked once per reconcile."""
+        if target not in self._paths:
+            self._paths[target] = cgroups.path_of(target)
+        return self._paths[target]
+
+    def read_sockmarks(self, targets: Set[str]) -> Set[SockMark]:
+        """Our socket marks on ``targets``; later :meth:`read` calls include them too."""
+        self.sockmark_targets = set(targets)
+        return self._sockmarks()
+
+    def _sockmarks(self) -> Set[SockMark]:
+        from . import cgroupbpf
+
+        out = set()
+        for target in sorted(self.sockmark_targets):
+            path = self.cgroup_path(target)
+            if path:
+                out |= {SockMark(target, v, m) for v, m in cgroupbpf.attached(path)}
+        return out
+
+    def attach_sockmark(self, entry: SockMark) -> None:
+        from ..errors import KernelError
+        from . import cgroupbpf
+
+        path = self.cgroup_path(entry.target)
+        if path is None:
+            raise KernelError(f"cannot mark the sockets of {entry.target}: its cgroup does not exist")
+        self.sockmark_targets.add(entry.target)
+        cgroupbpf.attach(path, entry.value, entry.mask)
+
+    def detach_sockmark(self, entry: SockMark) -> None:
+        from . import cgroupbpf
+
+        path = self.cgroup_path(entry.target)
+        if path is not None:
+            cgroupbpf.detach(path, entry.value, entry.mask)
 
     @staticmethod
     def read_sysctls(slots: Iterable[str]) -> Set[Sysctl]:
@@ -108,3 +151,9 @@ class DryRunKernel(LiveKernel):
 
     def flush_conntrack(self, mark: Fwmark) -> None:
         self.commands.append(commands.conntrack_flush(mark))
+
+    def attach_sockmark(self, entry: SockMark) -> None:
+        self.commands.append(commands.sockmark("attach", entry, self.cgroup_path(entry.target) or ""))
+
+    def detach_sockmark(self, entry: SockMark) -> None:
+        self.commands.append(commands.sockmark("detach", entry, self.cgroup_path(entry.target) or ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..errors import KernelError, NotPermittedError
@@ -120,9 +121,10 @@ class Netlink:
                 fwmask=(msg.get("fwmask") or 0) if msg.get("fwmark") is not None else 0,
                 src=msg.get("src") if msg["src_len"] else None,
                 src_len=msg["src_len"],
+                **_uid_range(msg.get("uid_range")),
             )
             if rule.fwmark and not rule.fwmask:
-                rule = Rule(rule.family, rule.priority, rule.table, rule.fwmark, U32, rule.src, rule.src_len)
+                rule = replace(rule, fwmask=U32)
             out.append((rule, msg.get("protocol") or 0))
         return out
 
@@ -207,10 +209,13 @@ class Netlink:
                 oif=self.ifname(msg.get("oif")) or None, prefsrc=msg.get("prefsrc"), protocol=msg["proto"]))
         return tables
 
-    def route_get(self, destination: str, source: Optional[str], mark: int) -> Dict[str, Any]:
-        """The kernel's own answer for a locally generated packet."""
+    def route_get(self, destination: str, source: Optional[str], mark: int, uid: Optional[int] = None
+                  ) -> Dict[str, Any]:
+        """The kernel's own answer for a locally generated packet (of ``uid``'s socket)."""
         NetlinkError = import_netlink_error()
 
+        if uid is not None:
+            return _ip_route_get(destination, source, mark, uid)
         args: Dict[str, Any] = {"dst": destination}
         if source:
             args["src"] = source
@@ -231,6 +236,8 @@ class Netlink:
             args.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
         if rule.src:
             args.update(src=rule.src, src_len=rule.src_len)
+        if rule.uid_start >= 0:
+            args.update(uid_range=f"{rule.uid_start}:{rule.uid_end}")
         return args
 
     def _route_args(self, route: Route) -> dict:
@@ -275,6 +282,32 @@ class Netlink:
             raise KernelError(f"the kernel refused to {what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
 
 
+def _ip_route_get(destination: str, source: Optional[str], mark: int, uid: int) -> Dict[str, Any]:
+    """``ip route get ... uid U``: pyroute2 0.9.7's route message has no RTA_UID."""
+    import json
+    import subprocess
+
+    args = ["ip", "-j", "route", "get", destination, "uid", str(uid)]
+    if source:
+        args += ["from", source]
+    if mark:
+        args += ["mark", str(mark)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=10)
+    if proc.returncode:
+        return {"error": proc.stderr.strip()}
+    route = (json.loads(proc.stdout or "[]") or [{}])[0]
+    return {"table": route.get("table", 254), "dev": route.get("dev"), "gateway": route.get("gateway"),
+            "src": route.get("prefsrc")}
+
+
+def _uid_range(text: Optional[str]) -> Dict[str, int]:
+    """pyroute2 decodes FRA_UID_RANGE as 'START:END'; the kernel sends it only when set."""
+    if not text:
+        return {}
+    start, _, end = str(text).partition(":")
+    return {"uid_start": int(start), "uid_end": int(end)}
+
+
 def _fib_rule(msg: Any) -> Any:
     """A rule message as the fib model's FibRule."""
     from .. import fib
@@ -292,4 +325,5 @@ def _fib_rule(msg: Any) -> Any:
         iif=msg.get("iifname"), oif=msg.get("oifname"), invert=bool(msg["flags"] & 2),
         suppress_prefixlen=-1 if suppress is None or suppress == U32 else suppress,
         protocol=msg.get("protocol") or 0,
+        **_uid_range(msg.get("uid_range")),
     )

@@ -1,0 +1,84 @@
+"""Per-application routing: the entries the ``apps`` key asks for, and the cgroup marks' bookkeeping.
+
+Who is listed leaves by the connection with its address as source, for connections
+made from now on:
+
+- users: ``ip rule from 0.0.0.0/32 uidrange U-U lookup T`` (``from ::/128`` for IPv6).
+  It matches only the lookup made before a socket has a source address (connect(),
+  an unconnected send), so the table chooses the source, and a user's established
+  flows (their source already chosen) are not moved;
+- units and cgroups: a cgroup BPF program marks the sockets their processes create
+  (mark set before connect()), and ``ip rule fwmark V/M lookup T`` routes them;
+- both: ``ip rule from ADDR lookup T`` for the connection's addresses, so a flow keeps
+  the table once its source is chosen, and its replies pass strict rp_filter (the
+  reverse lookup uses our address as source).
+
+The planner part is pure. :func:`settle` and :func:`read` take the kernel adapter:
+a unit that is not running has no cgroup yet, so its mark waits (reported, not an
+error) until a reconcile after it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict, Iterable, List, Sequence, Set, Tuple
+
+from .model import Allocation, Connection, ConnectionPlan, KernelState, Policy, Rule, SockMark
+
+_UNSPECIFIED = {4: ("0.0.0.0", 32), 6: ("::", 128)}
+
+
+def entries(conn: Connection, policy: Policy, alloc: Allocation, families: Sequence[int]) -> KernelState:
+    """The rules and socket marks ``policy.apps`` asks for (the fwmark rule comes with the allocation)."""
+    if not policy.apps or not families:
+        return KernelState()
+    rules: Set[Rule] = set()
+    t, p = alloc.table, alloc.priority
+    for family in families:
+        full = 32 if family == 4 else 128
+        for addr in conn.addresses_of(family):
+            if not addr.link_local:
+                rules.add(Rule(family, p, t, src=addr.ip, src_len=full))
+        src, length = _UNSPECIFIED[family]
+        for app in policy.apps:
+            if app.kind == "uid":
+                rules.add(Rule(family, p, t, src=src, src_len=length, uid_start=app.uid, uid_end=app.uid))
+    sockmarks: Set[SockMark] = set()
+    if alloc.fwmark is not None:
+        sockmarks = {SockMark(a.target, alloc.fwmark.value, alloc.fwmark.mask) for a in policy.apps
+                     if a.needs_cgroup}
+    return KernelState(rules=frozenset(rules), sockmarks=frozenset(sockmarks))
+
+
+def targets(plans: Iterable[ConnectionPlan]) -> Set[str]:
+    return {s.target for cp in plans for s in cp.state.sockmarks}
+
+
+def read(kernel: object, wanted: Iterable[str]) -> KernelState:
+    """Our socket marks on these targets (a kernel without cgroup support holds none)."""
+    reader = getattr(kernel, "read_sockmarks", None)
+    return KernelState(sockmarks=frozenset(reader(set(wanted)))) if reader else KernelState()
+
+
+def settle(kernel: object, plans: Sequence[ConnectionPlan]) -> Tuple[List[ConnectionPlan], Dict[str, List[str]]]:
+    """Plans without the socket marks whose cgroup does not exist now, and a note for each."""
+    path_of = getattr(kernel, "cgroup_path", None)
+    out: List[ConnectionPlan] = []
+    notes: Dict[str, List[str]] = {}
+    for cp in plans:
+        waiting = {s for s in cp.state.sockmarks if path_of is None or path_of(s.target) is None}
+        if waiting:
+            notes[cp.connection.uuid] = [_waiting_note(cp.connection, s, path_of is None) for s in sorted(waiting)]
+            cp = replace(cp, state=replace(cp.state, sockmarks=cp.state.sockmarks - waiting))
+        out.append(cp)
+    return out, notes
+
+
+def _waiting_note(conn: Connection, mark: SockMark, unsupported: bool) -> str:
+    if unsupported:
+        return (f"connection {conn.label} on {conn.iface}: {mark.target} is not routed: this machine has no "
+                "cgroup2 hierarchy (units and cgroups need cgroup v2; users work)")
+    what = "the unit is not running" if mark.target.startswith("unit:") else "the cgroup does not exist"
+    return (f"connection {conn.label} on {conn.iface}: {mark.target} waits: {what}; its sockets are marked "
+            "at the first reconcile after it exists ('nm-policy-routing apply', or the daemon's next re-sync)")
+
