@@ -54,10 +54,21 @@ def targets(plans: Iterable[ConnectionPlan]) -> Set[str]:
     return {s.target for cp in plans for s in cp.state.sockmarks}
 
 
-def read(kernel: object, wanted: Iterable[str]) -> KernelState:
-    """Our socket marks on these targets (a kernel without cgroup support holds none)."""
+def read(kernel: object, wanted: Iterable[str], record: Dict) -> KernelState:
+    """Our socket marks on these targets and those recorded (a kernel without cgroup support holds none)."""
     reader = getattr(kernel, "read_sockmarks", None)
-    return KernelState(sockmarks=frozenset(reader(set(wanted)))) if reader else KernelState()
+    if reader is None:
+        return KernelState()
+    targets = set(wanted) | set(record.get("sockmarks", []))
+    known = {int(i): (int(v), int(m)) for i, (v, m) in record.get("sockmark_ids", {}).items()}
+    return KernelState(sockmarks=frozenset(reader(targets, known)))
+
+
+def remember(kernel: object, record: Dict, target: KernelState) -> None:
+    """What the next reconcile needs to find our socket programs: their targets and program ids."""
+    record["sockmarks"] = sorted({s.target for s in target.sockmarks})
+    live = getattr(kernel, "live_ids", {})
+    record["sockmark_ids"] = {str(i): [v, m] for i, (v, m) in sorted(live.items())}
 
 
 def settle(kernel: object, plans: Sequence[ConnectionPlan]) -> Tuple[List[ConnectionPlan], Dict[str, List[str]]]:

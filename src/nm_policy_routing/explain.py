@@ -51,7 +51,7 @@ def _unit_mark(unit: str, base_mark: int) -> Tuple[int, Optional[str]]:
     if path is None:
         return base_mark, f"{target} has no cgroup now (not running, or no cgroup2): its sockets get no mark"
     marks = cgroupbpf.attached(path)
-    for value, mask in marks:
+    for _, (value, mask) in marks:
         base_mark = (base_mark & ~mask) | value
     if not marks:
         return base_mark, f"{target} (cgroup {path}): no socket mark of ours"

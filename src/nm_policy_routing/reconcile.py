@@ -152,7 +152,7 @@ class Engine:
         kernel = self._kernel()
         try:
             plans, _ = apps.settle(kernel, the_plan.connections)
-            current = current | apps.read(kernel, apps.targets(plans) | set(record.data.get("sockmarks", [])))
+            current = current | apps.read(kernel, apps.targets(plans), record.data)
         finally:
             kernel.close()
         drift: Dict[str, List[str]] = {}
@@ -196,7 +196,7 @@ class Engine:
         cache = record.policies()
         the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
         planned, notes = apps.settle(kernel, the_plan.connections)
-        before = before | apps.read(kernel, apps.targets(planned) | set(record.data.get("sockmarks", [])))
+        before = before | apps.read(kernel, apps.targets(planned), record.data)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
         record.set_policies({k: p for k, p in cache.items() if p in used})
         record.set_connections(conns)
@@ -245,7 +245,7 @@ class Engine:
             raise
         result.plans = plans
         self._record_outcomes(record, plans)
-        record.data["sockmarks"] = sorted({s.target for s in target.sockmarks})
+        apps.remember(kernel, record.data, target)
         record.data["app_notes"] = notes
         for note in (n for ns in notes.values() for n in ns):
             log.info("%s", note)

@@ -6,10 +6,12 @@ sets ``mark = (mark & ~MASK) | VALUE`` on it. The mark is on the socket before
 connect(), so the route lookup (``ip rule fwmark VALUE/MASK lookup T``) chooses the
 table and with it the source address. Sockets that exist already are not touched.
 
-Attached with BPF_F_ALLOW_MULTI (systemd's own programs stay), it stays attached while
-the cgroup exists, without a process or a pin holding it. Ours are recognized by the
-program name :data:`PROG_NAME`; VALUE and MASK are read back from its instructions.
-No library: ctypes and the system call, because the program is a handful of words.
+One program per cgroup (BPF_F_ALLOW_OVERRIDE): it stays attached while the cgroup
+exists, without a process or a pin holding it, and is detached without its fd, so
+CAP_BPF and CAP_NET_ADMIN suffice. Ours are recognized by the program ids we attached
+(remembered by the caller), or, with CAP_SYS_ADMIN, by the program name
+:data:`PROG_NAME`, VALUE and MASK read back from its instructions. No library: ctypes
+and the system call, because the program is a handful of words.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import errno
 import os
 import platform
 import struct
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+Mark = Tuple[int, int]
 
 from ..errors import KernelError, NotPermittedError
 
@@ -36,7 +40,7 @@ BPF_PROG_QUERY = 16
 
 BPF_PROG_TYPE_CGROUP_SOCK = 9
 BPF_CGROUP_INET_SOCK_CREATE = 2
-BPF_F_ALLOW_MULTI = 2
+BPF_F_ALLOW_OVERRIDE = 1
 
 #: offsetof(struct bpf_sock, mark)
 _MARK_OFFSET = 16
@@ -119,18 +123,33 @@ def _open_cgroup(path: str) -> int:
         raise KernelError(f"cgroup {path} does not exist (the unit is not running?)") from exc
 
 
-def attach(path: str, value: int, mask: int) -> None:
-    """Attach the socket-mark program for VALUE/MASK to the cgroup directory ``path``."""
+def _prog_id(prog: int) -> int:
+    info = ctypes.create_string_buffer(_INFO_SIZE)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _attr((0, "<I", prog), (4, "<I", _INFO_SIZE), (8, "<Q", ctypes.addressof(info))))
+    return struct.unpack_from("<I", info, 4)[0]
+
+
+def attach(path: str, value: int, mask: int, known: Optional[Dict[int, Mark]] = None) -> int:
+    """Attach the socket-mark program for VALUE/MASK to the cgroup directory ``path``; its program id.
+
+    One program per cgroup (BPF_F_ALLOW_OVERRIDE: a child cgroup may set its own): a
+    program someone else attached there is reported, never replaced."""
     cgroup = _open_cgroup(path)
     try:
+        for prog_id in _query(cgroup):
+            mark = _identify(prog_id, known or {})
+            if mark is None:
+                raise KernelError(f"cgroup {path} already has a socket-creation BPF program (id {prog_id}) that "
+                                  "is not ours: not replaced; remove it, or list another unit or cgroup")
         prog = load(value, mask)
         try:
             _bpf(BPF_PROG_ATTACH, _attr((0, "<I", cgroup), (4, "<I", prog),
-                                        (8, "<I", BPF_CGROUP_INET_SOCK_CREATE), (12, "<I", BPF_F_ALLOW_MULTI)))
-        except OSError as exc:
-            raise _fail(f"attach the socket-mark program to cgroup {path}", exc) from exc
+                                        (8, "<I", BPF_CGROUP_INET_SOCK_CREATE), (12, "<I", BPF_F_ALLOW_OVERRIDE)))
+            return _prog_id(prog)
         finally:
             os.close(prog)
+    except OSError as exc:
+        raise _fail(f"attach the socket-mark program to cgroup {path}", exc) from exc
     finally:
         os.close(cgroup)
 
@@ -144,16 +163,23 @@ def _query(cgroup: int) -> List[int]:
     return list(ids[:min(count, len(ids))])
 
 
-def _prog_fd(prog_id: int) -> Optional[int]:
+def _identify(prog_id: int, known: Dict[int, Mark]) -> Optional[Mark]:
+    """(value, mask) if the program is ours: by the ids we attached, else by name (needs CAP_SYS_ADMIN)."""
+    if prog_id in known:
+        return known[prog_id]
     try:
-        return _bpf(BPF_PROG_GET_FD_BY_ID, _attr((0, "<I", prog_id)))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
+        prog = _bpf(BPF_PROG_GET_FD_BY_ID, _attr((0, "<I", prog_id)))
+    except OSError:
+        return None  # gone, or not permitted (CAP_SYS_ADMIN): not known to be ours
+    try:
+        return _read_mark(prog)
+    except OSError:
+        return None
+    finally:
+        os.close(prog)
 
 
-def _ours(prog: int) -> Optional[Tuple[int, int]]:
+def _read_mark(prog: int) -> Optional[Mark]:
     """(value, mask) if ``prog`` is our program, read back from its instructions."""
     insns = ctypes.create_string_buffer(64 * 8)
     info = ctypes.create_string_buffer(_INFO_SIZE)
@@ -174,49 +200,31 @@ def _ours(prog: int) -> Optional[Tuple[int, int]]:
     return (value, mask) if value is not None and mask is not None else None
 
 
-def attached(path: str) -> List[Tuple[int, int]]:
-    """The (value, mask) of our programs attached to the cgroup ``path`` (none if it is gone)."""
+def attached(path: str, known: Optional[Dict[int, Mark]] = None) -> List[Tuple[int, Mark]]:
+    """(program id, (value, mask)) of our programs on the cgroup ``path`` (none if it is gone)."""
     try:
         cgroup = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return []
     try:
-        return [mark for mark, _ in _each_ours(cgroup)]
+        found = [(i, _identify(i, known or {})) for i in _query(cgroup)]
+        return [(i, mark) for i, mark in found if mark is not None]
     except OSError as exc:
         raise _fail(f"list the programs attached to cgroup {path}", exc) from exc
     finally:
         os.close(cgroup)
 
 
-def _each_ours(cgroup: int):
-    for prog_id in _query(cgroup):
-        prog = _prog_fd(prog_id)
-        if prog is None:
-            continue
-        try:
-            mark = _ours(prog)
-        except OSError:
-            mark = None
-        if mark is None:
-            os.close(prog)
-            continue
-        yield mark, prog
-
-
-def detach(path: str, value: int, mask: int) -> None:
+def detach(path: str, value: int, mask: int, known: Optional[Dict[int, Mark]] = None) -> None:
     """Detach our program for VALUE/MASK from ``path``; nothing to do if it (or the cgroup) is gone."""
+    if not any(mark == (value, mask) for _, mark in attached(path, known)):
+        return
     try:
         cgroup = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
-    try:
-        for mark, prog in _each_ours(cgroup):
-            try:
-                if mark == (value, mask):
-                    _bpf(BPF_PROG_DETACH, _attr((0, "<I", cgroup), (4, "<I", prog),
-                                                (8, "<I", BPF_CGROUP_INET_SOCK_CREATE)))
-            finally:
-                os.close(prog)
+    try:  # one program per cgroup (not ALLOW_MULTI): detached without its fd
+        _bpf(BPF_PROG_DETACH, _attr((0, "<I", cgroup), (8, "<I", BPF_CGROUP_INET_SOCK_CREATE)))
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise _fail(f"detach the socket-mark program from cgroup {path}", exc) from exc

@@ -21,6 +21,10 @@ class LiveKernel:
         self.nft_intact = True
         self.sockmark_targets: Set[str] = set()
         self._paths: Dict[str, Optional[str]] = {}
+        #: program id -> (value, mask): the socket programs we attached (from the record), and
+        #: those found attached at the last read or attached since
+        self.known_ids: Dict[int, Tuple[int, int]] = {}
+        self.live_ids: Dict[int, Tuple[int, int]] = {}
 
     def close(self) -> None:
         self.netlink.close()
@@ -44,19 +48,22 @@ class LiveKernel:
             self._paths[target] = cgroups.path_of(target)
         return self._paths[target]
 
-    def read_sockmarks(self, targets: Set[str]) -> Set[SockMark]:
-        """Our socket marks on ``targets``; later :meth:`read` calls include them too."""
+    def read_sockmarks(self, targets: Set[str], known: Dict[int, Tuple[int, int]]) -> Set[SockMark]:
+        """Our socket marks on ``targets`` (``known``: ids we attached); later reads include them."""
         self.sockmark_targets = set(targets)
+        self.known_ids.update(known)
         return self._sockmarks()
 
     def _sockmarks(self) -> Set[SockMark]:
         from . import cgroupbpf
 
         out = set()
+        self.live_ids = {}
         for target in sorted(self.sockmark_targets):
             path = self.cgroup_path(target)
-            if path:
-                out |= {SockMark(target, v, m) for v, m in cgroupbpf.attached(path)}
+            for prog_id, (value, mask) in cgroupbpf.attached(path, self.known_ids) if path else ():
+                out.add(SockMark(target, value, mask))
+                self.live_ids[prog_id] = (value, mask)
         return out
 
     def attach_sockmark(self, entry: SockMark) -> None:
@@ -67,14 +74,15 @@ class LiveKernel:
         if path is None:
             raise KernelError(f"cannot mark the sockets of {entry.target}: its cgroup does not exist")
         self.sockmark_targets.add(entry.target)
-        cgroupbpf.attach(path, entry.value, entry.mask)
+        prog_id = cgroupbpf.attach(path, entry.value, entry.mask, self.known_ids)
+        self.known_ids[prog_id] = self.live_ids[prog_id] = (entry.value, entry.mask)
 
     def detach_sockmark(self, entry: SockMark) -> None:
         from . import cgroupbpf
 
         path = self.cgroup_path(entry.target)
         if path is not None:
-            cgroupbpf.detach(path, entry.value, entry.mask)
+            cgroupbpf.detach(path, entry.value, entry.mask, self.known_ids)
 
     @staticmethod
     def read_sysctls(slots: Iterable[str]) -> Set[Sysctl]:
