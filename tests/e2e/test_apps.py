@@ -153,6 +153,12 @@ def test_user_policy_routes_that_user_only_and_follows_the_connection(world: Wor
         assert connect(world, dst=Seed.MON4)["seen"] == "10.0.0.2"
         explained = world.cli("explain", REMOTE, "--uid", "nobody").stdout
         assert "uidrange 65534-65534" in explained and "leaves by eth1" in explained, explained
+        proc = world.cli("-v", "status")
+        status = proc.stdout
+        assert proc.returncode == 0, proc.stderr
+        assert "uidrange 65534-65534" in status and "apps: " in status, status
+        assert "user:nobody" in world.cli("show", "service").stdout
+        assert world.cli("apply", "--dry-run").stdout.strip() == "# nothing to change"
     finally:
         hold.kill()
         hold.wait()
