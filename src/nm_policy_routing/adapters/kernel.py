@@ -55,10 +55,12 @@ class LiveKernel:
         return self._sockmarks()
 
     def _sockmarks(self) -> Set[SockMark]:
+        out: Set[SockMark] = set()
+        self.live_ids = {}
+        if not self.sockmark_targets:  # the common case: no apps, no bpf
+            return out
         from . import cgroupbpf
 
-        out = set()
-        self.live_ids = {}
         for target in sorted(self.sockmark_targets):
             path = self.cgroup_path(target)
             for prog_id, (value, mask) in cgroupbpf.attached(path, self.known_ids) if path else ():
