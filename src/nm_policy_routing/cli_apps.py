@@ -15,10 +15,13 @@ import sys
 from typing import List, Optional, Tuple
 
 from .cli import EX_FAIL, EX_USAGE, _engine
-from .errors import PolicyError, PolicyRoutingError
+from .errors import NotPermittedError, PolicyError, PolicyRoutingError
 from .model import Allocation, Connection, Policy
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: sent to this process alone (kill, a closed terminal): passed on to the command
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+#: a terminal sends these to the whole foreground group, the command included: ignored here
+IGNORED = (signal.SIGINT, signal.SIGQUIT)
 
 
 # ---- set, show, status -----------------------------------------------------------
@@ -115,7 +118,7 @@ def _child(path: str, command: List[str]) -> None:
                     os.setgroups([gid])
                 os.setgid(gid)
             os.setuid(uid)
-        for sig in FORWARDED:
+        for sig in FORWARDED + IGNORED:
             signal.signal(sig, signal.SIG_DFL)
         os.execvp(command[0], command)
     except OSError as exc:
@@ -133,6 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("nm-policy-routing: run --via CONNECTION -- COMMAND [ARGS...]: no command given", file=sys.stderr)
         return EX_USAGE
+    if os.geteuid() != 0:
+        raise NotPermittedError(f"run --via {args.via}: attaching the socket mark to a cgroup needs root; run it "
+                                "with sudo (the command itself runs as you)")
     conn, alloc = _find(args, args.via)
     assert alloc.fwmark is not None
     path = cgroups.make_run_cgroup()
@@ -142,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pid == 0:
             _child(path, command)
         previous = {sig: signal.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in FORWARDED}
+        previous.update({sig: signal.signal(sig, signal.SIG_IGN) for sig in IGNORED})
         try:
             _, status = os.waitpid(pid, 0)
         finally:

@@ -119,7 +119,9 @@ def test_run_via_sends_one_command_by_eth1_with_its_address(world: World) -> Non
     assert run_via(world, "service", "sh", "-c", "exit 7").returncode == 7
     assert run_cgroups() == []
 
-    # refuses clearly: no policy, not active
+    # refuses clearly: not root, no policy, not active
+    proc = world.host.run(*NOBODY, CLI, "run", "--via", "service", "--", "true", env=world.cli_env(), check=False)
+    assert proc.returncode == 77 and "sudo" in proc.stderr, proc.stderr
     proc = run_via(world, "mgmt", "true")
     assert proc.returncode == 1 and "mgmt" in proc.stderr and "has no applied policy" in proc.stderr, proc.stderr
     world.nm.down("service")
