@@ -3,10 +3,14 @@
 Who is listed leaves by the connection with its address as source, for connections
 made from now on:
 
-- users: ``ip rule from 0.0.0.0/32 uidrange U-U lookup T`` (``from ::/128`` for IPv6).
-  It matches only the lookup made before a socket has a source address (connect(),
-  an unconnected send), so the table chooses the source, and a user's established
-  flows (their source already chosen) are not moved;
+- users: ``ip rule from 0.0.0.0/32 uidrange U-U lookup T``. It matches only the lookup
+  made before a socket has a source address (connect(), an unconnected send), so the
+  table chooses the source, and a user's established flows (their source already
+  chosen) are not moved. IPv6 rules with a source never match a lookup without one;
+  there it is ``from ADDR/128 uidrange U-U`` per address of the connection, with the
+  kernel's FIB_RULE_FIND_SADDR flag: a lookup without a source tries the table, picks
+  the source there and takes the route only if that source is ADDR (the netlink
+  adapter sets the flag on IPv6 rules with a uid range);
 - units and cgroups: a cgroup BPF program marks the sockets their processes create
   (mark set before connect()), and ``ip rule fwmark V/M lookup T`` routes them;
 - both: ``ip rule from ADDR lookup T`` for the connection's addresses, so a flow keeps
@@ -25,7 +29,7 @@ from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from .model import Allocation, Connection, ConnectionPlan, KernelState, Policy, Rule, SockMark
 
-_UNSPECIFIED = {4: ("0.0.0.0", 32), 6: ("::", 128)}
+_UNSPECIFIED = {4: ("0.0.0.0", 32)}
 
 
 def entries(conn: Connection, policy: Policy, alloc: Allocation, families: Sequence[int]) -> KernelState:
@@ -39,10 +43,12 @@ def entries(conn: Connection, policy: Policy, alloc: Allocation, families: Seque
         for addr in conn.addresses_of(family):
             if not addr.link_local:
                 rules.add(Rule(family, p, t, src=addr.ip, src_len=full))
-        src, length = _UNSPECIFIED[family]
+        sources = [_UNSPECIFIED[4]] if family == 4 else \
+            [(a.ip, full) for a in conn.addresses_of(6) if not a.link_local]
         for app in policy.apps:
             if app.kind == "uid":
-                rules.add(Rule(family, p, t, src=src, src_len=length, uid_start=app.uid, uid_end=app.uid))
+                rules |= {Rule(family, p, t, src=src, src_len=length, uid_start=app.uid, uid_end=app.uid)
+                          for src, length in sources}
     sockmarks: Set[SockMark] = set()
     if alloc.fwmark is not None:
         sockmarks = {SockMark(a.target, alloc.fwmark.value, alloc.fwmark.mask) for a in policy.apps

@@ -28,7 +28,10 @@ def rule(verb: str, entry: Rule) -> str:
         sel += ["uidrange", f"{entry.uid_start}-{entry.uid_end}"]
     words = ["ip", f"-{entry.family}", "rule", verb, "priority", str(entry.priority), *sel,
              "table", str(entry.table), "protocol", str(RT_PROTO)]
-    return " ".join(_q(w) for w in words)
+    line = " ".join(_q(w) for w in words)
+    if entry.family == 6 and entry.uid_start >= 0 and verb == "add":
+        line += "  # plus FIB_RULE_FIND_SADDR, which ip cannot set: without it, no unbound socket matches"
+    return line
 
 
 def route(verb: str, entry: Route) -> str:

@@ -112,3 +112,31 @@ def test_a_unit_that_is_not_running_waits_without_failing_the_policy(seed: Seed,
     with open(os.path.join(state_dir, "state.json")) as handle:
         notes = json.load(handle)["app_notes"]["u-eth1"]
     assert "unit:npr-none.service waits" in notes[0] or "no cgroup2" in notes[0], notes
+
+
+def test_a_listed_user_leaves_by_the_connection_in_both_families(seed: Seed, state_dir: str) -> None:
+    servers = [subprocess.Popen(["ip", "netns", "exec", seed.mon.name, sys.executable, PEER, "serve", port, *six],
+                                stdout=subprocess.PIPE, text=True) for port, six in (("9100", []), ("9106", ["6"]))]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    def seen(*prefix: str, dst: str, port: str) -> str:
+        proc = seed.host.run(*prefix, sys.executable, PEER, "connect", dst, port, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["seen"]
+
+    try:
+        assert all(s.stdout.readline().strip() == "ready" for s in servers)
+        eth1 = connection("u-eth1", "eth1", ["10.0.1.2/24", "fd00:1::2/64"], "10.0.1.1", "fd00:1::1",
+                          enable="yes", apps="uid:65534", table="100")
+        assert call(seed, state_dir, "reconcile", connections=[eth1])["plans"]["u-eth1"]["status"] == "ok"
+        assert seen(*nobody, dst=Seed.MON4, port="9100") == "10.0.1.2"
+        assert seen(*nobody, dst=Seed.MON6, port="9106") == "fd00:1::2"
+        assert seen(dst=Seed.MON4, port="9100") == "10.0.0.2"  # root: main (the monitoring net via eth0)
+        assert seen(dst=Seed.MON6, port="9106") == "fd00::2"
+        call(seed, state_dir, "remove", uuid="u-eth1")
+        assert seen(*nobody, dst=Seed.MON6, port="9106") == "fd00::2"
+        assert seed.host.ipj("-6", "rule", "show", "table", "100") == []
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()

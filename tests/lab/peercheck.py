@@ -1,6 +1,7 @@
 """Who does the server see? A TCP server that answers each line with the peer's address, and its client.
 
-serve PORT            accept connections (threads), answer each line with the peer's address
+serve PORT [6]        accept connections (threads), answer each line with the peer's address
+                      (IPv4, or IPv6 with a second argument 6)
 connect HOST PORT     connect, print {"local", "seen", "uid"} as JSON; exit 1 if it fails
 hold HOST PORT        connect, print the JSON, then for each stdin line print {"ok", "seen"} (a long flow)
 """
@@ -12,10 +13,10 @@ import sys
 import threading
 
 
-def serve(port: int) -> None:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def serve(port: int, six: bool = False) -> None:
+    srv = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
+    srv.bind(("::" if six else "0.0.0.0", port))
     srv.listen(16)
     print("ready", flush=True)
     while True:
@@ -57,7 +58,7 @@ def hold(host: str, port: int) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), sys.argv[3:] == ["6"])
     elif sys.argv[1] == "connect":
         sys.exit(connect(sys.argv[2], int(sys.argv[3])))
     else:

@@ -74,7 +74,7 @@ def test_user_apps_plan_uid_and_source_rules_without_a_mark() -> None:
     assert cp.allocation.fwmark is None and not cp.state.sockmarks and not cp.state.marks
     assert cp.state.rules == {
         Rule(4, 1000, 100, src="0.0.0.0", src_len=32, uid_start=1000, uid_end=1000),
-        Rule(6, 1000, 100, src="::", src_len=128, uid_start=1000, uid_end=1000),
+        Rule(6, 1000, 100, src="fd00:1::2", src_len=128, uid_start=1000, uid_end=1000),
         Rule(4, 1000, 100, src="10.0.1.2", src_len=32),
         Rule(6, 1000, 100, src="fd00:1::2", src_len=128),
     }

@@ -20,6 +20,7 @@ _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
+FIB_RULE_FIND_SADDR = 0x00010000
 
 
 class _ForeignTables:
@@ -238,6 +239,8 @@ class Netlink:
             args.update(src=rule.src, src_len=rule.src_len)
         if rule.uid_start >= 0:
             args.update(uid_range=f"{rule.uid_start}:{rule.uid_end}")
+            if rule.family == 6 and rule.src:  # see apps.py: IPv6 matches a lookup without source only so
+                args.update(flags=FIB_RULE_FIND_SADDR)
         return args
 
     def _route_args(self, route: Route) -> dict:
