@@ -70,11 +70,16 @@ def read(kernel: object, wanted: Iterable[str], record: Dict) -> KernelState:
     return KernelState(sockmarks=frozenset(reader(targets, known)))
 
 
-def remember(kernel: object, record: Dict, target: KernelState) -> None:
-    """What the next reconcile needs to find our socket programs: their targets and program ids."""
+def remember(kernel: object, record: Dict, target: KernelState, planned: Sequence[ConnectionPlan],
+             final: Sequence[ConnectionPlan]) -> None:
+    """What the next reconcile needs to find our socket programs (their targets and program ids), and
+    the mark of each unit listed by an applied policy, running or not (for ``unit-start``)."""
     record["sockmarks"] = sorted({s.target for s in target.sockmarks})
     live = getattr(kernel, "live_ids", {})
     record["sockmark_ids"] = {str(i): [v, m] for i, (v, m) in sorted(live.items())}
+    applied = {cp.connection.uuid for cp in final if cp.status == "ok"}
+    record["unit_marks"] = {s.target: [s.value, s.mask] for cp in planned if cp.connection.uuid in applied
+                            for s in sorted(cp.state.sockmarks) if s.target.startswith("unit:")}
 
 
 def settle(kernel: object, plans: Sequence[ConnectionPlan]) -> Tuple[List[ConnectionPlan], Dict[str, List[str]]]:

@@ -311,11 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("remove", cmd_remove, "remove a connection's policy from the kernel (all without CONNECTION)",
             json_flag=True, dry_run=True)
     p.add_argument("connection", nargs="?", help="connection id, UUID or interface name")
-    from .cli_apps import cmd_run
+    from .cli_apps import cmd_run, cmd_unit_start
 
     p = add("run", cmd_run, "run one command whose new connections leave by CONNECTION (as the calling user)")
     p.add_argument("--via", required=True, metavar="CONNECTION", help="connection id, UUID or interface name")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    p = add("unit-start", cmd_unit_start, "mark the sockets of a starting service listed in apps (its "
+            "ExecStartPre drop-in calls it)")
+    p.add_argument("unit")
     add("flush", cmd_flush, "remove everything of ours from the kernel", json_flag=True, dry_run=True)
     p = add("dispatch", cmd_dispatch, "handle one NetworkManager dispatcher event (the hook calls it)")
     p.add_argument("iface")

@@ -9,6 +9,7 @@ removed when the command and everything it started have exited.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,8 @@ from typing import List, Optional, Tuple
 from .cli import EX_FAIL, EX_USAGE, _engine
 from .errors import NotPermittedError, PolicyError, PolicyRoutingError
 from .model import Allocation, Connection, Policy
+
+log = logging.getLogger(__name__)
 
 #: sent to this process alone (kill, a closed terminal): passed on to the command
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
@@ -62,6 +65,52 @@ def check_apps(policy: Policy, label: str) -> List[str]:
     if cgroups.hierarchy() != "unified":
         warnings.append(cgroup_support())
     return warnings
+
+
+def old_policy(user_data: dict, label: str) -> Optional[Policy]:
+    from .policy import parse_policy
+
+    try:
+        return parse_policy(user_data, label)
+    except PolicyError:
+        return None
+
+
+def services(policy: Optional[Policy]) -> set:
+    return {a.value for a in (policy.apps if policy else ()) if a.kind == "unit" and a.value.endswith(".service")}
+
+
+def sync_unit_dropins(before: Optional[Policy], after: Optional[Policy]) -> List[str]:
+    """At ``set``/``unset``: a listed service gets an ExecStartPre drop-in, so that each of its starts
+    is marked before its main process runs (a restarted unit has a new cgroup)."""
+    import shutil
+
+    from .adapters import cgroups
+
+    exe = shutil.which("nm-policy-routing") or os.path.abspath(sys.argv[0])
+    return cgroups.sync_dropins(services(before), services(after), exe)
+
+
+def cmd_unit_start(args: argparse.Namespace) -> int:
+    """ExecStartPre of a listed service: mark this cgroup's sockets if the connection listing it is up."""
+    from .adapters import cgroupbpf, cgroups
+    from .record import Record, locked, state_dir
+
+    directory = state_dir(args.state_dir)
+    if not os.path.exists(os.path.join(directory, "state.json")):
+        return 0  # nothing applied since boot
+    with locked(directory):
+        record = Record.load(directory)
+        mark = record.data.get("unit_marks", {}).get(f"unit:{args.unit}")
+        path = cgroups.own()
+        if not mark or path is None:
+            return 0
+        known = {int(i): (int(v), int(m)) for i, (v, m) in record.data.get("sockmark_ids", {}).items()}
+        prog_id = cgroupbpf.attach(path, int(mark[0]), int(mark[1]), known)
+        record.data.setdefault("sockmark_ids", {})[str(prog_id)] = [int(mark[0]), int(mark[1])]
+        record.save()
+    log.info("unit %s starts with socket mark 0x%x/0x%x (cgroup %s)", args.unit, mark[0], mark[1], path)
+    return 0
 
 
 def app_lines(policy: Optional[Policy], notes: List[str]) -> List[str]:

@@ -32,13 +32,15 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         label = f"{conn.get('id')} ({conn.get('uuid')})"
         current = dict(settings.get("user", {}).get("data", {}))
         new = change(current)
-        from .cli_apps import check_apps
+        from .cli_apps import check_apps, old_policy, sync_unit_dropins
 
-        warnings = check_apps(parse_policy(new, label), label)  # raises PolicyError: nothing is written
-        for warning in warnings:
+        policy = parse_policy(new, label)  # raises PolicyError: nothing is written
+        for warning in check_apps(policy, label):
             print(f"nm-policy-routing: connection {label}: {warning}", file=sys.stderr)
         if new != current:
             await nm.set_user_data(path, new)
+            for line in sync_unit_dropins(old_policy(current, label), policy):
+                print(line)
         return label, await nm.active_state(conn.get("uuid", ""))
 
     try:

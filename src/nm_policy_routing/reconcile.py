@@ -245,7 +245,7 @@ class Engine:
             raise
         result.plans = plans
         self._record_outcomes(record, plans)
-        apps.remember(kernel, record.data, target)
+        apps.remember(kernel, record.data, target, the_plan.connections, plans)
         record.data["app_notes"] = notes
         for note in (n for ns in notes.values() for n in ns):
             log.info("%s", note)

@@ -118,3 +118,19 @@ def test_the_socket_program_sets_only_the_mask_bits() -> None:
     insns = [struct.unpack_from("<BBhi", code, i) for i in range(0, len(code), 8)]
     assert [i[0] for i in insns] == [0x61, 0x54, 0x44, 0x63, 0xB7, 0x95]
     assert insns[1][3] & 0xFFFFFFFF == 0x00FFFFFF and insns[2][3] == 0x01000000
+
+
+def test_set_writes_and_removes_the_services_drop_ins(tmp_path, monkeypatch) -> None:
+    from nm_policy_routing.adapters import cgroups
+
+    reloads = []
+    monkeypatch.setattr(cgroups, "DROPIN_DIR", str(tmp_path))
+    monkeypatch.setattr(cgroups, "systemd_booted", lambda: True)
+    monkeypatch.setattr(cgroups.subprocess, "run", lambda args, **kw: reloads.append(args))
+    done = cgroups.sync_dropins(set(), {"backup.service"}, "/usr/bin/nm-policy-routing")
+    dropin = tmp_path / "backup.service.d" / cgroups.DROPIN_NAME
+    assert done == [f"wrote {dropin}"] and reloads == [["systemctl", "daemon-reload"]]
+    assert "ExecStartPre=+-/usr/bin/nm-policy-routing unit-start %n" in dropin.read_text()
+    assert cgroups.sync_dropins({"backup.service"}, {"backup.service"}, "x") == []
+    cgroups.sync_dropins({"backup.service"}, set(), "x")
+    assert not (tmp_path / "backup.service.d").exists() and len(reloads) == 2

@@ -131,3 +131,63 @@ def _remove_stale(mount: str) -> None:
                 os.rmdir(path)
             except OSError:
                 pass
+
+
+def own() -> Optional[str]:
+    """This process's cgroup directory in the cgroup2 tree (a unit's, for its ExecStartPre)."""
+    mount = root()
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = [line.rstrip("\n") for line in handle if line.startswith("0::")]
+    except OSError:
+        return None
+    if mount is None or not lines:
+        return None
+    path = lines[0][3:]
+    if path.endswith("/.control"):  # a delegated unit's control processes run below it
+        path = path[: -len("/.control")]
+    return mount + path if _SAFE.match(path) else None
+
+
+# ---- ExecStartPre drop-ins for listed services ---------------------------------------
+
+DROPIN_DIR = "/etc/systemd/system"
+DROPIN_NAME = "50-nm-policy-routing.conf"
+DROPIN = """# Written by nm-policy-routing ('set CONNECTION apps unit:{unit}'); removed when the unit is no
+# longer listed. Before {unit} starts, its cgroup gets the socket mark of the connection
+# that lists it, when that connection is up; otherwise nothing happens.
+[Service]
+ExecStartPre=+-{exe} unit-start %n
+"""
+
+
+def systemd_booted() -> bool:
+    return os.path.isdir("/run/systemd/system")
+
+
+def sync_dropins(before: set, after: set, exe: str) -> list:
+    """Drop-ins for the services in ``after`` and not for those only in ``before``; daemon-reload if changed.
+    Returns what was done, one line each. Nothing without systemd as PID 1."""
+    if not systemd_booted() or before == after:
+        return []
+    done = []
+    for unit in sorted(after - before):
+        directory = os.path.join(DROPIN_DIR, f"{unit}.d")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, DROPIN_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as handle:
+            handle.write(DROPIN.format(unit=unit, exe=exe))
+        os.replace(tmp, path)
+        done.append(f"wrote {path}")
+    for unit in sorted(before - after):
+        path = os.path.join(DROPIN_DIR, f"{unit}.d", DROPIN_NAME)
+        try:
+            os.unlink(path)
+            done.append(f"removed {path}")
+            os.rmdir(os.path.dirname(path))
+        except OSError:
+            pass
+    if done:
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True, timeout=60)
+    return done
