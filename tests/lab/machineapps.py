@@ -52,7 +52,8 @@ def apps_steps(m: Machine, seed: Seed, checks: Checks, title: str) -> None:
         server.wait()
         m.exec("systemctl", "stop", *UNITS, check=False)
         out = cli(m, "unset", "service", "apps")
-        checks.check("unset service apps: exit 0", out.returncode == 0)
+        gone = m.exec("systemctl", "cat", "npr-listed.service", check=False).stdout
+        checks.check("unset service apps: exit 0, the drop-in removed", out.returncode == 0 and "unit-start" not in gone)
 
 
 def _units(m: Machine, checks: Checks) -> None:
@@ -80,6 +81,13 @@ def _units(m: Machine, checks: Checks) -> None:
                  bool(listed) and listed["local"] == listed["seen"] == "10.0.1.2"
                  and m.netns.counters("eth1")["tx"] > before)
     checks.check("the unit not listed does not (eth0's address)", bool(other) and other["seen"] == "10.0.0.2")
+    dropin = m.exec("systemctl", "cat", "npr-listed.service", check=False).stdout
+    checks.check("set wrote the service's ExecStartPre drop-in", "unit-start %n" in dropin)
+    m.exec("rm", "-f", "/run/npr-result-npr-listed")
+    m.exec("systemctl", "restart", "npr-listed.service")  # a new cgroup: marked by its ExecStartPre
+    again = wait_for(lambda: _result(m, "npr-listed"), 20, 0.2)
+    checks.check(f"restarted (a new cgroup), it still leaves by eth1 with eth1's address: {again}",
+                 bool(again) and again["seen"] == "10.0.1.2")
 
 
 def _run_via(m: Machine, checks: Checks) -> None:
