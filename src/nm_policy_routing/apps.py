@@ -24,12 +24,15 @@ error) until a reconcile after it starts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
+from .errors import PolicyRoutingError
 from .model import Allocation, Connection, ConnectionPlan, KernelState, Policy, Rule, SockMark
 
 _UNSPECIFIED = {4: ("0.0.0.0", 32)}
+log = logging.getLogger(__name__)
 
 
 def entries(conn: Connection, policy: Policy, alloc: Allocation, families: Sequence[int]) -> KernelState:
@@ -80,6 +83,30 @@ def remember(kernel: object, record: Dict, target: KernelState, planned: Sequenc
     applied = {cp.connection.uuid for cp in final if cp.status == "ok"}
     record["unit_marks"] = {s.target: [s.value, s.mask] for cp in planned if cp.connection.uuid in applied
                             for s in sorted(cp.state.sockmarks) if s.target.startswith("unit:")}
+
+
+def attach(kernel: object, plans: List[ConnectionPlan], before: KernelState, notes: Dict[str, List[str]],
+           changes: List[str]) -> List[ConnectionPlan]:
+    """Attach the socket programs the applied plans ask for (after their rules: a marked socket finds
+    its table). One that the kernel refuses is reported in ``notes`` and left out of that plan; the
+    connection's other entries stay (its users, its replies)."""
+    out = []
+    for cp in plans:
+        failed = set()
+        for entry in sorted(cp.state.sockmarks - before.sockmarks) if cp.status == "ok" else ():
+            try:
+                kernel.attach_sockmark(entry)  # type: ignore[attr-defined]
+            except PolicyRoutingError as exc:
+                failed.add(entry)
+                note = f"connection {cp.connection.label} on {cp.connection.iface}: {entry.target} is not routed: {exc}"
+                notes.setdefault(cp.connection.uuid, []).append(note)
+                log.error("%s", note)
+                continue
+            changes.append(f"attach {entry}")
+        if failed:
+            cp = replace(cp, state=replace(cp.state, sockmarks=cp.state.sockmarks - failed))
+        out.append(cp)
+    return out
 
 
 def settle(kernel: object, plans: Sequence[ConnectionPlan]) -> Tuple[List[ConnectionPlan], Dict[str, List[str]]]:

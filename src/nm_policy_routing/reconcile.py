@@ -223,6 +223,7 @@ class Engine:
             added[cp.connection.uuid] = todo
             current = current | todo
             plans.append(cp)
+        plans = apps.attach(kernel, plans, before, notes, result.changes)
         target = KernelState()
         for cp in plans:
             if cp.status == "ok":
@@ -280,9 +281,6 @@ class Engine:
             fault_point("rule")
             kernel.add_rule(rule)
             result.changes.append(f"add {rule}")
-        for entry in sorted(todo.sockmarks):  # after the rules: a marked socket finds its table
-            kernel.attach_sockmark(entry)
-            result.changes.append(f"attach {entry}")
 
     def _undo_adds(self, kernel: Kernel, record: Record, todo: KernelState, before: KernelState,
                    result: Result) -> None:

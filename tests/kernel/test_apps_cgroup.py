@@ -140,3 +140,20 @@ def test_a_listed_user_leaves_by_the_connection_in_both_families(seed: Seed, sta
         for server in servers:
             server.kill()
             server.wait()
+
+
+def test_a_cgroup_holding_a_foreign_program_is_reported_and_the_rest_applies(seed: Seed, state_dir: str,
+                                                                             cgroup: str, monkeypatch) -> None:
+    path = os.path.join(cgroups.root(), cgroup)
+    monkeypatch.setattr(cgroupbpf, "PROG_NAME", b"someone_else")
+    cgroupbpf.attach(path, 0x5, 0xF)  # another tool's socket program on that cgroup
+    monkeypatch.undo()
+    eth1 = connection("u-eth1", "eth1", ["10.0.1.2/24"], "10.0.1.1", enable="yes", apps=f"cgroup:/{cgroup}",
+                      table="100")
+    out = call(seed, state_dir, "reconcile", connections=[eth1])
+    assert out["plans"]["u-eth1"]["status"] == "ok", out
+    assert seed.host.ipj("-4", "rule", "show", "table", "100")  # its rules are in place
+    with open(os.path.join(state_dir, "state.json")) as handle:
+        (note,) = json.load(handle)["app_notes"]["u-eth1"]
+    assert f"cgroup:/{cgroup} is not routed" in note and "not ours: not replaced" in note, note
+    assert cgroupbpf.attached(path) == []  # the foreign program is untouched (and not taken for ours)

@@ -65,7 +65,7 @@ def _units(m: Machine, checks: Checks) -> None:
 
     def marked() -> bool:
         status = cli(m, "-v", "status").stdout
-        return "socket mark" in status and "unit:npr-listed.service" in status
+        return "installed: socket mark" in status and "unit:npr-listed.service" in status
     checks.check("status lists the socket mark installed for unit:npr-listed.service", bool(wait_for(marked, 20, 0.3)))
     status = cli(m, "-v", "status")
     show("$ nm-policy-routing -v status", status.stdout + status.stderr)
