@@ -209,7 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     notes = record.data.get("app_notes", {})
     for row in rows:
-        row["waiting"] = list(notes.get(row["uuid"], []))
+        row["apps_notes"] = list(notes.get(row["uuid"], []))
     apps_note = cgroup_support() if any(cp.policy and cp.policy.apps for cp in inspection.plans) else None
     if args.json:
         _print_json({"connections": rows, "stray": inspection.stray, "apps": apps_note,
@@ -217,8 +217,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(status_text(rows, inspection.stray, args.verbose))
         for row in rows:
-            for note in row["waiting"]:
-                print(f"waiting: {note}")
+            for note in row["apps_notes"]:
+                print(f"apps: {note}")
         if apps_note:
             print(f"apps: {apps_note}")
     return EX_OK

@@ -117,7 +117,7 @@ def app_lines(policy: Optional[Policy], notes: List[str]) -> List[str]:
     if policy is None or not policy.apps:
         return []
     lines = ["apps (new connections leave by this connection): " + ", ".join(map(str, policy.apps))]
-    return lines + [f"  waiting: {n}" for n in notes]
+    return lines + [f"  {n}" for n in notes]
 
 
 # ---- run --via ---------------------------------------------------------------------

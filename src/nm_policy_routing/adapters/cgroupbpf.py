@@ -94,7 +94,8 @@ def _attr(*fields: Tuple[int, str, int]) -> ctypes.Array:
 
 def _fail(what: str, exc: OSError) -> Exception:
     if exc.errno in (errno.EPERM, errno.EACCES):
-        return NotPermittedError(f"cannot {what}: not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)")
+        return NotPermittedError(f"cannot {what}: not permitted (needs CAP_BPF and CAP_NET_ADMIN, and the bpf "
+                                 "system call: root, or the shipped service unit)")
     return KernelError(f"the kernel refused to {what}: {exc.strerror}")
 
 
