@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import replace
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .errors import NetworkManagerError
-from .model import Address, Connection
+from .model import Address, Connection, real_gateway
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def user_data_from_env(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
 
 def _ip_from_env(env: Mapping[str, str], family: int) -> Tuple[List[Address], Optional[str]]:
     prefix = "VPN_IP%d_" % family if env.get("VPN_IP_IFACE") else "IP%d_" % family
-    addresses, gateway = [], env.get(prefix + "GATEWAY") or None
+    addresses, gateway = [], _gateway(env.get(prefix + "GATEWAY"), family)
     try:
         count = int(env.get(prefix + "NUM_ADDRESSES", "0") or "0")
     except ValueError:
@@ -71,9 +72,15 @@ def _ip_from_env(env: Mapping[str, str], family: int) -> Tuple[List[Address], Op
         except ValueError:
             log.warning("ignoring unreadable %sADDRESS_%d=%r", prefix, n, text)
             continue
-        if len(words) > 1 and words[1] not in ("0.0.0.0", "::") and not gateway:
-            gateway = words[1]
+        if len(words) > 1 and not gateway:
+            gateway = _gateway(words[1], family)
     return addresses, gateway
+
+
+def _gateway(text: Optional[str], family: int) -> Optional[str]:
+    """The event's gateway, or None: ``0.0.0.0``/``::`` (even ``VPN_IP6_GATEWAY=0.0.0.0``) mean none."""
+    gateway = real_gateway(text)
+    return gateway if gateway and (":" in gateway) == (family == 6) else None
 
 
 def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, str]]) -> Optional[Connection]:
@@ -144,6 +151,10 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
         return f"{action} for {uuid}: policy unknown, left as it was"
     env_facts = facts_from_env(iface, env, user)
     conn = bus_facts if bus_facts and bus_facts.addresses else env_facts or bus_facts
+    if conn is not None and env.get("VPN_IP_IFACE") and conn.iface != env["VPN_IP_IFACE"]:
+        # a VPN's own interface (tun0) is the event's word; D-Bus names it only when
+        # NetworkManager has a device for it (see NetworkManagerBus.facts)
+        conn = replace(conn, iface=env["VPN_IP_IFACE"])
     if conn is None:
         return f"{action} for {uuid}: no facts, nothing to do"
     result = engine.ensure(conn)

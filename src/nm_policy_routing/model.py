@@ -55,6 +55,18 @@ class Address:
         return cls(str(iface.ip), iface.network.prefixlen)
 
 
+def real_gateway(text: Optional[str]) -> Optional[str]:
+    """A gateway as NetworkManager gives it -> the address, or None when there is none.
+
+    ``0.0.0.0`` and ``::`` mean none (a never-default VPN's ``VPN_IP4_GATEWAY``; NetworkManager
+    even writes ``VPN_IP6_GATEWAY=0.0.0.0``), and so do an empty or unreadable value."""
+    try:
+        address = ipaddress.ip_address((text or "").strip())
+    except ValueError:
+        return None
+    return None if address.is_unspecified else str(address)
+
+
 @dataclass(frozen=True)
 class Connection:
     """What the planner needs to know of one active connection."""

@@ -4,6 +4,8 @@ Pure: plain data in, plain data out, no I/O. ``auto`` tables, priorities and mar
 are deterministic per connection UUID, keep the allocation a connection had before
 (so one connection's arrival never moves another's), and avoid what foreign owners
 use. A connection whose policy is invalid or conflicts gets an error and no entries.
+Never evict: a connection that holds an allocation (its policy is applied) keeps its
+interface, table, priority and mark; a newcomer claiming one of them is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .model import (
     Route,
     Rule,
     Sysctl,
+    real_gateway,
 )
 from .policy import parse_policy
 
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 RP_FILTER = {"off": 0, "strict": 1, "loose": 2}
 _IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
+#: said of the holder in a conflict: an applied policy is never evicted
+_KEPT = ", which keeps it"
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class _Allocator:
                 return f"mark bits 0x{other.mask & mark.mask:x} are used by {owner} ({other})"
         for other, owner in self.marks:
             if other.overlaps(mark):
-                return f"fwmark {mark} overlaps {other} of connection {owner}"
+                return f"fwmark {mark} overlaps {other} of connection {owner}{_KEPT}"
         return None
 
     def explicit(self, label: str, policy: Policy, previous: Optional[Allocation]) -> List[str]:
@@ -135,14 +140,16 @@ class _Allocator:
                                 "choose another nm-policy-routing.table or 'auto'")
             elif policy.table in self.tables:
                 problems.append(f"table {policy.table} is already used by connection "
-                                f"{self.tables[policy.table]}")
+                                f"{self.tables[policy.table]}{_KEPT}; choose another "
+                                "nm-policy-routing.table or 'auto'")
         if policy.priority is not None:
             if policy.priority in self.foreign_priorities:
                 problems.append(f"rule priority {policy.priority} already holds rules that are not "
                                 "ours; choose another nm-policy-routing.priority or 'auto'")
             elif policy.priority in self.priorities:
                 problems.append(f"rule priority {policy.priority} is already used by connection "
-                                f"{self.priorities[policy.priority]}")
+                                f"{self.priorities[policy.priority]}{_KEPT}; choose another "
+                                "nm-policy-routing.priority or 'auto'")
         if policy.fwmark is not None and policy.uses_marks:
             clash = self.mark_clash(policy.fwmark)
             if clash:
@@ -224,9 +231,8 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
         for addr in addrs:
             if addr.prefixlen < (32 if family == 4 else 128):
                 routes.add(Route(family, t, addr.network, iface, None, addr.ip))
-        gateway = conn.gateway_of(family)
-        if gateway:
-            routes.add(Route(family, t, _DEFAULT[family], iface, gateway, primary))
+        # without a gateway (never-default VPN, ppp, tun, WireGuard): an on-link default
+        routes.add(Route(family, t, _DEFAULT[family], iface, real_gateway(conn.gateway_of(family)), primary))
         for extra in policy.routes:
             if extra.family == family:
                 routes.add(Route(family, t, extra.prefix, iface, extra.via, primary))
@@ -262,7 +268,9 @@ def plan(
     results: Dict[str, ConnectionPlan] = {}
     enabled: List[Tuple[Connection, Policy]] = []
     seen_ifaces: Dict[str, str] = {}
-    for conn in sorted(connections, key=lambda c: c.uuid):
+    # incumbents (connections that hold an allocation: their policy is applied) come first,
+    # so a newcomer never takes what they hold
+    for conn in sorted(connections, key=lambda c: (c.uuid not in previous, c.uuid)):
         try:
             policy = _policy(conn, tuple(sorted(defaults.for_connection(conn).items())) if defaults else (),
                              policy_cache)
@@ -277,18 +285,18 @@ def plan(
             problems.append(f"interface name {conn.iface!r} is not a valid Linux interface name")
         elif conn.iface in seen_ifaces:
             problems.append(f"interface {conn.iface} already carries the policy of connection "
-                            f"{seen_ifaces[conn.iface]}")
+                            f"{seen_ifaces[conn.iface]}{_KEPT}; one policy per interface")
         if problems:
-            results[conn.uuid] = ConnectionPlan(conn, policy, errors=tuple(problems), status="conflict")
+            results[conn.uuid] = _refused(conn, policy, problems)
             continue
         seen_ifaces[conn.iface] = conn.label
         enabled.append((conn, policy))
 
     alloc = _Allocator(foreign)
-    # explicit values first, then autos that had an allocation, then new autos
+    # incumbents first (never evicted), then explicit values, then autos
     order = sorted(enabled, key=lambda cp: (
-        not (cp[1].table or cp[1].priority or cp[1].fwmark),
         cp[0].uuid not in previous,
+        not (cp[1].table or cp[1].priority or cp[1].fwmark),
         cp[0].uuid,
     ))
     for conn, policy in order:
@@ -297,12 +305,18 @@ def plan(
         if not problems:
             allocation, problems = alloc.take(conn.label, policy, previous.get(conn.uuid), conn.uuid)
         if problems or allocation is None:
-            results[conn.uuid] = ConnectionPlan(conn, policy, errors=tuple(problems), status="conflict")
+            results[conn.uuid] = _refused(conn, policy, problems)
             continue
         state = entries_for(conn, policy, allocation)
         results[conn.uuid] = ConnectionPlan(conn, policy, allocation, state)
     return Plan(tuple(results[c.uuid] for c in sorted(connections, key=lambda c: c.uuid)
                       if c.uuid in results))
+
+
+def _refused(conn: Connection, policy: Policy, problems: Sequence[str]) -> ConnectionPlan:
+    """A conflict: the connection gets no entries, and messages that name it."""
+    errors = tuple(f"connection {conn.label} on {conn.iface or '?'} is refused: {p}" for p in problems)
+    return ConnectionPlan(conn, policy, errors=errors, status="conflict")
 
 
 def with_status(cp: ConnectionPlan, status: str, errors: Sequence[str]) -> ConnectionPlan:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy
+from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy, real_gateway
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def connection_from_json(data: Dict[str, Any]) -> Connection:
         id=str(data.get("id") or data["uuid"]),
         iface=str(data.get("iface") or ""),
         addresses=tuple(Address.parse(a) for a in data.get("addresses") or ()),
-        gateway4=data.get("gateway4") or None,
-        gateway6=data.get("gateway6") or None,
+        gateway4=real_gateway(data.get("gateway4")),
+        gateway6=real_gateway(data.get("gateway6")),
         user_data=tuple(sorted((str(k), str(v)) for k, v in (data.get("user_data") or {}).items())),
         type=str(data.get("type") or ""),
     )

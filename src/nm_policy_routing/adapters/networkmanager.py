@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import NetworkManagerError, NotPermittedError
-from ..model import Address, Connection
+from ..model import Address, Connection, real_gateway
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,35 @@ class NetworkManagerBus:
         except NetworkManagerError:
             return [], None
         addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
-        return addrs, props.get("Gateway") or None
+        return addrs, real_gateway(props.get("Gateway"))
+
+    async def _device_interface(self, devices: List[str]) -> str:
+        for device in devices:
+            dev = await self.props(device, DEVICE)
+            iface = dev.get("IpInterface") or dev.get("Interface") or ""
+            if iface:
+                return iface
+        return ""
+
+    async def _vpn_interface(self, ip4: str, ip6: str) -> str:
+        """A VPN's IP interface (tun0), which its ``Devices`` do not give: they list the parent.
+
+        NetworkManager (1.42 and 1.52 alike) exports for a VPN the IP configuration object of
+        the VPN's IP interface (``nm_l3cfg_ipconfig_acquire`` on the tunnel's l3cfg, or the
+        parent's for a VPN without its own interface): the same object path as that device's
+        ``Ip4Config``/``Ip6Config``. "" when no device shares it (the event's VPN_IP_IFACE
+        then names it)."""
+        wanted = {p for p in (ip4, ip6) if p and p != "/"}
+        if not wanted:
+            return ""
+        for device in (await self.props(NM_PATH, NM)).get("Devices", []):
+            try:
+                dev = await self.props(device, DEVICE)
+            except NetworkManagerError:
+                continue  # it went away meanwhile
+            if {dev.get("Ip4Config"), dev.get("Ip6Config")} & wanted:
+                return dev.get("IpInterface") or dev.get("Interface") or ""
+        return ""
 
     async def facts(self, active_path: str) -> Optional[Tuple[Connection, int]]:
         """The planner's view of one active connection, with its state; None if it vanished."""
@@ -133,14 +161,13 @@ class NetworkManagerBus:
             active = await self.props(active_path, ACTIVE)
         except NetworkManagerError:
             return None
-        iface = ""
-        for device in active.get("Devices", []):
-            dev = await self.props(device, DEVICE)
-            iface = dev.get("IpInterface") or dev.get("Interface") or ""
-            if iface:
-                break
-        addr4, gw4 = await self._ip(active.get("Ip4Config", "/"))
-        addr6, gw6 = await self._ip(active.get("Ip6Config", "/"))
+        ip4, ip6 = active.get("Ip4Config", "/"), active.get("Ip6Config", "/")
+        if active.get("Vpn"):
+            iface = await self._vpn_interface(ip4, ip6)
+        else:
+            iface = await self._device_interface(active.get("Devices", []))
+        addr4, gw4 = await self._ip(ip4)
+        addr6, gw6 = await self._ip(ip6)
         user = await self.user_data(active["Connection"]) if active.get("Connection") else {}
         conn = Connection(
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
