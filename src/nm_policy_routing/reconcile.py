@@ -145,9 +145,11 @@ class Engine:
                 current = kernel.read(record.sysctl_originals())
                 foreign = kernel.foreign()
                 nft_intact = kernel.nft_intact
+                # foreign tables are looked up lazily: plan while the kernel is open
+                the_plan = plan(list(record.connections().values()), foreign, record.allocations(),
+                                self.defaults())
             finally:
                 kernel.close()
-        the_plan = plan(list(record.connections().values()), foreign, record.allocations(), self.defaults())
         drift: Dict[str, List[str]] = {}
         wanted = KernelState()
         for cp in the_plan.connections:

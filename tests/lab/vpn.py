@@ -119,6 +119,12 @@ class VpnServer:
             text += "\n[user]\n" + "".join(f"{k}={v}\n" for k, v in user.items())
         return text
 
+    def tunnel_gone(self, timeout: float = 15) -> bool:
+        """Wait for the host's tun0 to vanish: it lingers briefly after ``nmcli connection down``
+        returns, and a new activation with the same ``dev`` fails while it exists."""
+        return bool(wait_for(lambda: self.seed.host.ip("link", "show", "tun0", check=False).returncode != 0,
+                             timeout=timeout))
+
     # ---- traffic from beyond the tunnel ---------------------------------
 
     def ping(self, dst: str = TUNNEL_CLIENT, count: int = 2) -> bool:
