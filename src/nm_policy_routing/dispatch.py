@@ -2,7 +2,9 @@
 
 Facts come from the environment first (IP variables on ``up``/``dhcp*-change``,
 ``CONNECTION_USER_*`` from NM 1.46) and from NetworkManager over D-Bus for what it
-lacks (user data on NM < 1.46, addresses on ``pre-up``). A ``down`` for a connection
+lacks (user data on NM < 1.46, addresses on ``pre-up``). For a VPN (``vpn-*`` events)
+the interface is the event's ``VPN_IP_IFACE`` (tun0), its addresses and gateway the
+``VPN_IP*_`` ones; a gateway ``0.0.0.0``/``::`` means none. A ``down`` for a connection
 that NetworkManager reports active again (a stale, queued event) removes nothing.
 Never raises: the hook must never block NetworkManager.
 """
