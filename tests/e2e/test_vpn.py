@@ -145,3 +145,8 @@ def test_a_second_connection_claiming_the_same_priority_is_refused(world: World)
     assert "conflict" in human and "rule priority 1000" in human, human
     log = world.daemon_tail(200) if world.daemon else world.nm.log_tail(world.nm.dispatcher_log, 400)
     assert message in log, log
+
+    # once the holder goes down, the refused connection gets its policy
+    world.nm.down("service")
+    assert world.wait_rules(lambda rules: [(r.get("priority"), r.get("table")) for r in rules] == [(1000, "200")]), \
+        (world.our_rules(), world.daemon_tail())
