@@ -2,11 +2,13 @@
 
 The only module that imports the D-Bus library (dbus-next; dbus-fast is a drop-in
 successor). Honours ``DBUS_SYSTEM_BUS_ADDRESS``. Everything is keyed by connection
-UUID: object paths change when NetworkManager restarts.
+UUID: object paths change when NetworkManager restarts. Every call has a timeout: a
+hung bus or NetworkManager yields a NetworkManagerError, never a process that waits forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -29,6 +31,9 @@ ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
 ACTIVATION_EXTERNAL = 0x80
 UPDATE2_TO_DISK = 0x1
 UPDATE2_NO_REAPPLY = 0x40
+#: seconds to wait for the bus to accept us, and for any one reply
+CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 10.0
 
 
 def _plain(value: Any) -> Any:
@@ -92,6 +97,11 @@ class NetworkManagerBus:
         except NetworkManagerError:
             return None
         return body[0]
+
+    async def ping(self, timeout: float = CALL_TIMEOUT) -> None:
+        """A round trip to the bus itself; NetworkManagerError if it does not answer in time."""
+        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus.Peer", "Ping",
+                        destination="org.freedesktop.DBus", timeout=timeout)
 
     async def add_match(self, rule: str) -> None:
         await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule],
