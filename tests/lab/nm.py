@@ -430,6 +430,11 @@ class NMLab:
             self._bus.wait(10)
             self._bus = None
 
+    def freeze_bus(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the lab's dbus-daemon: a bus that hangs, connections stay open."""
+        if self._bus is not None:
+            self._bus.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def restart_bus_and_nm(self, timeout: float = 30) -> None:
         """After :meth:`kill_bus`: a new bus, then NetworkManager and its dispatcher again on it
         (NetworkManager takes its devices over as they are, as after a restart)."""
@@ -439,6 +444,7 @@ class NMLab:
 
     def stop(self) -> None:
         """End everything this lab started, by PID. Safe to call more than once."""
+        self.freeze_bus(False)
         self.stop_dhcp_server()
         self._stop_nm()
         if self._bus is not None:

@@ -104,9 +104,9 @@ class NetworkManagerBus:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout)
         except asyncio.TimeoutError:
             getattr(self.bus, "_method_return_handlers", {}).pop(msg.serial, None)  # drop a late reply
+            who = "dbus-daemon" if destination == "org.freedesktop.DBus" else "NetworkManager (or dbus-daemon)"
             raise NetworkManagerError(
-                f"{destination} did not answer {member} on {path} within {timeout:g} s; "
-                "is NetworkManager or dbus-daemon hung?") from None
+                f"{destination} did not answer {member} on {path} within {timeout:g} s; is {who} hung?") from None
         except Exception as exc:  # the connection broke while waiting (dbus-next raises plain errors)
             raise NetworkManagerError(f"the D-Bus system bus connection broke during {member} on {path} "
                                       f"({str(exc) or type(exc).__name__})") from exc
