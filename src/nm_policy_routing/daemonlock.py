@@ -45,7 +45,8 @@ def _untrusted(st: os.stat_result) -> Optional[str]:
 def check_directory(directory: str) -> None:
     """The state directory must be ours and writable by nobody else (else anyone could plant a lock)."""
     st = os.stat(directory)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    group_writable = st.st_mode & 0o020 and st.st_gid not in (0, os.getegid())
+    if st.st_uid != os.geteuid() or st.st_mode & 0o002 or group_writable:
         raise PolicyRoutingError(
             f"the state directory {directory} is owned by uid {st.st_uid} with mode "
             f"{stat.S_IMODE(st.st_mode):04o}: another user could plant daemon.lock there and switch the "
