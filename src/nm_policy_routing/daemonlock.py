@@ -113,9 +113,14 @@ def release(fd: int) -> None:
 
 
 def held(directory: str) -> bool:
-    """Does a daemon hold the lock? Only a lock file no other user could open counts."""
+    """Does a daemon hold the lock? Only a lock file no other user could open counts.
+
+    A caller who may not open it (not root) cannot tell: it gets True, as it could not
+    reconcile by itself anyway (``set`` then leaves the work to the daemon)."""
     try:
         fd = os.open(path(directory), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except PermissionError:
+        return True
     except OSError:
         return False
     try:
