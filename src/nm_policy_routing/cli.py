@@ -133,18 +133,28 @@ def _report(args: argparse.Namespace, result, only: Optional[str] = None) -> int
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from .errors import NetworkManagerError
+    from .faults import pause_point
 
     engine = _engine(args, args.dry_run)
-    try:
-        conns = _active_connections()
-    except NetworkManagerError as exc:
-        print(f"nm-policy-routing: {exc}; re-applying the connections recorded before", file=sys.stderr)
-        conns = None
+    seen: dict = {}
+
+    def snapshot() -> Optional[list]:  # called with the reconcile lock held
+        try:
+            conns = _active_connections()
+        except NetworkManagerError as exc:
+            print(f"nm-policy-routing: {exc}; re-applying the connections recorded before", file=sys.stderr)
+            conns = None
+        seen["conns"] = conns
+        pause_point("apply-snapshot")
+        return conns
+
+    result = engine.reconcile(snapshot)
+    conns = seen.get("conns")
     if args.connection and conns is not None and not any(
             args.connection in (c.uuid, c.id, c.iface) for c in conns):
         print(f"nm-policy-routing: connection {args.connection!r} is not active; "
               "its policy applies when it comes up", file=sys.stderr)
-    return _report(args, engine.reconcile(conns), args.connection)
+    return _report(args, result, args.connection)
 
 
 def _resolve_recorded(args: argparse.Namespace, ref: str) -> str:

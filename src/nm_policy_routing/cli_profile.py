@@ -7,7 +7,6 @@ NetworkManager's authorization applies; values are validated before anything is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Dict
 
@@ -44,28 +43,17 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         return EX_DATAERR
     print(f"connection {label}: policy saved")
     if state == ACTIVATED and not _daemon_running(args):
-        result = _engine(args).reconcile(_active_connections())
+        result = _engine(args).reconcile(_active_connections)  # read under the lock
         for change_line in result.changes:
             print(change_line)
     return EX_OK
 
 
 def _daemon_running(args: argparse.Namespace) -> bool:
-    import fcntl
-
+    from .daemonlock import held
     from .record import state_dir
 
-    try:
-        fd = os.open(os.path.join(state_dir(args.state_dir), "daemon.lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return held(state_dir(args.state_dir))
 
 
 def cmd_set(args: argparse.Namespace) -> int:

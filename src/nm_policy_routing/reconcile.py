@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Union
 
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .config import Defaults
 
 log = logging.getLogger(__name__)
+
+#: reads the active connections (None: unknown, re-apply the recorded ones); see Engine.reconcile
+Snapshot = Callable[[], Optional[Sequence[Connection]]]
 
 
 class Kernel(Protocol):
@@ -115,13 +118,16 @@ class Engine:
 
     # ---- doors ---------------------------------------------------------
 
-    def reconcile(self, connections: Optional[Sequence[Connection]] = None) -> Result:
+    def reconcile(self, connections: Union[Snapshot, Optional[Sequence[Connection]]] = None) -> Result:
         """Make the kernel hold exactly the policies of ``connections`` (all active ones).
 
-        ``None`` re-applies the connections already recorded (repair drift).
+        ``None`` re-applies the connections already recorded (repair drift). A callable is
+        called with the lock held and its snapshot used the same way: no other door's change
+        (the hook's ``up`` or ``down``) can land between the read and this reconcile.
         """
         def update(known: Dict[str, Connection]) -> Dict[str, Connection]:
-            return known if connections is None else {c.uuid: c for c in connections}
+            conns = connections() if callable(connections) else connections
+            return known if conns is None else {c.uuid: c for c in conns}
         return self._run(update)
 
     def ensure(self, conn: Connection) -> Result:
