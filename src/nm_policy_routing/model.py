@@ -161,11 +161,16 @@ class Rule:
     fwmask: int = 0
     src: Optional[str] = None
     src_len: int = 0
+    #: only packets arriving on this interface (forwarded ones: a local or reverse-path
+    #: lookup has iif lo)
+    iif: Optional[str] = None
 
     def __str__(self) -> str:
         sel = []
         if self.src:
             sel.append(f"from {self.src}/{self.src_len}")
+        if self.iif:
+            sel.append(f"iif {self.iif}")
         if self.fwmask:
             sel.append(f"fwmark 0x{self.fwmark:x}/0x{self.fwmask:x}")
         return f"-{self.family} rule priority {self.priority} {' '.join(sel) or 'all'} table {self.table}"
