@@ -268,6 +268,10 @@ class ForeignUsage:
     priorities: FrozenSet[Tuple[int, int]] = frozenset()
     #: mark bits used by foreign rules or nft tables, with who uses them
     marks: Tuple[Tuple[Fwmark, str], ...] = ()
+    #: foreign nft rules that write all 32 mark bits (who: what), reported, not avoidable
+    mark_writers: Tuple[str, ...] = ()
+    #: foreign strict reverse-path filters before our marking: (family, who)
+    early_rpfilter: Tuple[Tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
