@@ -38,7 +38,10 @@ def publish(lab: Lab, seed: Seed) -> Netns:
     host.sh("nft add table inet published; "
             "nft add chain inet published pre '{ type nat hook prerouting priority dstnat; }'; "
             f"nft add rule inet published pre fib daddr type local tcp dport {PORT} dnat ip to {CTR4}; "
-            f"nft add rule inet published pre fib daddr type local tcp dport {PORT} dnat ip6 to {CTR6}")
+            f"nft add rule inet published pre fib daddr type local tcp dport {PORT} dnat ip6 to {CTR6}; "
+            "nft add chain inet published post '{ type nat hook postrouting priority srcnat; }'; "
+            "nft add rule inet published post oifname != br-ctr ip saddr 172.17.0.0/24 masquerade; "
+            "nft add rule inet published post oifname != br-ctr ip6 saddr fd00:17::/64 masquerade")
     return ctr
 
 
@@ -69,3 +72,17 @@ def test_published_port_serves_old_clients_and_the_monitoring_host(lab: Lab, see
 
     engine.remove(SVC)
     assert reaches(ctr, seed.rtr, dst)
+
+
+@pytest.mark.parametrize("dst", ["10.0.1.1", "fd00:1::1"], ids=["ipv4", "ipv6"])
+def test_container_connections_out_of_the_policy_interface(lab: Lab, seed: Seed, engine, dst: str) -> None:
+    """The container's own connections leave eth1 masqueraded; their replies arrive on eth1
+    addressed to the host (before de-masquerading), so they are marked: they must still
+    be forwarded to the container."""
+    ctr = publish(lab, seed)
+    assert tcp_check(seed.rtr, ctr, dst, 8090), "the container reaches the router without a policy"
+    result = engine.reconcile(connection(SVC, "eth1", ["10.0.1.2/24", "fd00:1::2/64"], "10.0.1.1",
+                                         "fd00:1::1", enable="yes", table="100", fwmark="0x1",
+                                         priority="1000"))
+    assert result["plans"][SVC]["status"] == "ok", result
+    assert tcp_check(seed.rtr, ctr, dst, 8090), "and with the policy"
