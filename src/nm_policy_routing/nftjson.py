@@ -360,17 +360,34 @@ def _strict_rpfilter(rule: Dict[str, Any]) -> bool:
     return False
 
 
+def _jumps(rule: Dict[str, Any]) -> List[str]:
+    targets = []
+    for stmt in rule.get("expr", []):
+        for verdict in ("jump", "goto"):
+            if isinstance(stmt, dict) and isinstance(stmt.get(verdict), dict):
+                targets.append(str(stmt[verdict].get("target")))
+    return targets
+
+
 def early_rpfilter(ruleset: Dict[str, Any]) -> List[Tuple[int, str]]:
     """(family, owner) of foreign strict reverse-path filters that run in prerouting before
-    our marking: they drop what an incoming policy is for before it is marked."""
+    our marking (in a base chain of lower priority, or a chain it jumps to): they drop what
+    an incoming policy is for before it is marked."""
+    rules = _foreign_rules(ruleset)
     early = set()
     for item in ruleset.get("nftables", []):
         chain = item.get("chain")
         if chain and chain.get("hook") == "prerouting" and isinstance(chain.get("prio"), int) \
                 and chain["prio"] < OUR_PREROUTING_PRIO:
             early.add((chain.get("family"), chain.get("table"), chain.get("name")))
+    grown = True
+    while grown:  # chains reached by jump/goto from an early chain run early too
+        reached = {(r.get("family"), r.get("table"), target) for r in rules
+                   if (r.get("family"), r.get("table"), r.get("chain")) in early for target in _jumps(r)}
+        grown = not reached <= early
+        early |= reached
     found = []
-    for rule in _foreign_rules(ruleset):
+    for rule in rules:
         if (rule.get("family"), rule.get("table"), rule.get("chain")) in early and _strict_rpfilter(rule):
             found += [(family, _owner(rule)) for family in _families_of(rule)]
     return found

@@ -28,6 +28,13 @@ RULESET = {"nftables": [
          {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}},
          {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "mark", "iif"]}},
                     "right": False}}, {"drop": None}),
+    {"chain": {"family": "ip6", "table": "other", "name": "pre", "type": "filter", "hook": "prerouting",
+               "prio": -200}},
+    rule("ip6", "other", "pre", {"jump": {"target": "rpf"}}),
+    rule("ip6", "other", "rpf", {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}},
+                                           "right": False}}, {"drop": None}),
+    rule("ip6", "other", "late", {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}},
+                                            "right": False}}, {"drop": None}),
     rule("inet", "t", "c", mangle(MARK, 0x100)),
     rule("inet", "t", "c", mangle(MARK, CT)),
     rule("inet", "t", "c", mangle(MARK, {"|": [{"&": [MARK, 0xFFFF00FF]}, 0x100]})),
@@ -49,7 +56,8 @@ def test_foreign_marks_and_writers() -> None:
         "nft table inet t (chain c): meta mark set ct mark",
         "nft table ip mangle (chain PREROUTING): iptables-nft target MARK (its mask is not visible)",
     ]
-    assert nftjson.early_rpfilter(RULESET) == [(6, "firewalld (nft table inet firewalld (chain filter_PREROUTING))")]
+    assert nftjson.early_rpfilter(RULESET) == [(6, "firewalld (nft table inet firewalld (chain filter_PREROUTING))"),
+                                               (6, "nft table ip6 other (chain rpf)")], "a jumped-to chain too"
 
 
 def _plan(**policy: str):
