@@ -214,7 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nm-policy-routing: {exc}; inactive profiles are not listed", file=sys.stderr)
         inactive = []
     rows = status_rows(inspection.plans, inspection.current, inspection.drift, record.data["outcomes"],
-                       inactive, args.all)
+                       inactive, args.all, inspection.caveats)
     if args.json:
         _print_json({"connections": rows, "stray": inspection.stray,
                      "foreign_marks": [{"mark": str(m), "owner": o} for m, o in inspection.foreign.marks]})

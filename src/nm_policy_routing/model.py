@@ -173,11 +173,16 @@ class Rule:
     fwmask: int = 0
     src: Optional[str] = None
     src_len: int = 0
+    #: only packets arriving on this interface (forwarded ones: a local or reverse-path
+    #: lookup has iif lo)
+    iif: Optional[str] = None
 
     def __str__(self) -> str:
         sel = []
         if self.src:
             sel.append(f"from {self.src}/{self.src_len}")
+        if self.iif:
+            sel.append(f"iif {self.iif}")
         if self.fwmask:
             sel.append(f"fwmark 0x{self.fwmark:x}/0x{self.fwmask:x}")
         return f"-{self.family} rule priority {self.priority} {' '.join(sel) or 'all'} table {self.table}"
@@ -275,6 +280,10 @@ class ForeignUsage:
     priorities: FrozenSet[Tuple[int, int]] = frozenset()
     #: mark bits used by foreign rules or nft tables, with who uses them
     marks: Tuple[Tuple[Fwmark, str], ...] = ()
+    #: foreign nft rules that write all 32 mark bits (who: what), reported, not avoidable
+    mark_writers: Tuple[str, ...] = ()
+    #: foreign strict reverse-path filters before our marking: (family, who)
+    early_rpfilter: Tuple[Tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .config import Defaults
 
 RP_FILTER = {"off": 0, "strict": 1, "loose": 2}
+MAIN_TABLE = 254
 _IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 #: said of the holder in a conflict: an applied policy is never evicted
@@ -217,6 +218,16 @@ def _usable(addresses: Iterable[Address]) -> Tuple[Address, ...]:
     return tuple(a for a in addresses if not a.link_local)
 
 
+def forward_rule(family: int, iface: str, alloc: Allocation) -> Rule:
+    """Just before the mark rule: marked packets that arrive on ``iface`` and are forwarded
+    (a port published by DNAT to a container) are routed by the main table, as without
+    the policy. Local delivery is decided earlier (the local table), and the reverse-path
+    check and locally sent or forwarded replies look up with another iif, so they still
+    take the connection's table."""
+    assert alloc.fwmark is not None
+    return Rule(family, alloc.priority - 1, MAIN_TABLE, alloc.fwmark.value, alloc.fwmark.mask, iif=iface)
+
+
 def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelState:
     """The kernel entries one connection's policy asks for, given its allocation."""
     rules: Set[Rule] = set()
@@ -238,6 +249,8 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
                 routes.add(Route(family, t, extra.prefix, iface, extra.via, primary))
         if alloc.fwmark is not None:
             rules.add(Rule(family, p, t, alloc.fwmark.value, alloc.fwmark.mask))
+            if "incoming" in policy.match:
+                rules.add(forward_rule(family, iface, alloc))
         if "source" in policy.match:
             for addr in addrs:
                 rules.add(Rule(family, p, t, src=addr.ip, src_len=32 if family == 4 else 128))

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Union
 
+from .caveats import caveats
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
@@ -77,6 +78,8 @@ class Inspection:
     drift: Dict[str, List[str]]
     stray: List[str]
     foreign: ForeignUsage
+    #: per connection: settings in place that cannot take effect, and why
+    caveats: Dict[str, List[str]] = field(default_factory=dict)
 
 
 def _route_key(route: Route) -> tuple:
@@ -151,6 +154,7 @@ class Engine:
                 current = kernel.read(record.sysctl_originals())
                 foreign = kernel.foreign()
                 nft_intact = kernel.nft_intact
+                rp_all = kernel.read_sysctl("ipv4", "all", "rp_filter")
                 # foreign tables are looked up lazily: plan while the kernel is open
                 the_plan = plan(list(record.connections().values()), foreign, record.allocations(),
                                 self.defaults())
@@ -168,7 +172,9 @@ class Engine:
                 drift[cp.connection.uuid] = lines
         stray = [f"not wanted by any policy: {e}" for e in (current - wanted).entries()
                  if not isinstance(e, Sysctl)]
-        return Inspection(list(the_plan.connections), current, drift, stray, foreign)
+        notes = {cp.connection.uuid: caveats(cp, foreign, rp_all) for cp in the_plan.connections}
+        return Inspection(list(the_plan.connections), current, drift, stray, foreign,
+                          {uuid: lines for uuid, lines in notes.items() if lines})
 
     def known(self) -> Dict[str, Connection]:
         return Record.load(self.directory).connections()
@@ -195,7 +201,8 @@ class Engine:
         originals = record.sysctl_originals()
         before = kernel.read(originals)
         cache = record.policies()
-        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
+        foreign = kernel.foreign()
+        the_plan = plan(list(conns.values()), foreign, record.allocations(), self.defaults(), cache)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
         record.set_policies({k: p for k, p in cache.items() if p in used})
         record.set_connections(conns)
@@ -243,6 +250,7 @@ class Engine:
             record.save()
             raise
         result.plans = plans
+        self._log_caveats(kernel, [cp for cp in plans if added.get(cp.connection.uuid)], foreign)
         self._record_outcomes(record, plans)
         record.save()
         return result
@@ -360,6 +368,13 @@ class Engine:
                 + ". Something else changed it meanwhile; run 'nm-policy-routing apply' again, and "
                 "'nm-policy-routing status' to see what differs."
             )
+
+    def _log_caveats(self, kernel: Kernel, applied: List[ConnectionPlan], foreign: ForeignUsage) -> None:
+        """At apply: what was just installed but cannot take effect here (status shows it too)."""
+        rp_all = kernel.read_sysctl("ipv4", "all", "rp_filter") if applied else None
+        for cp in applied:
+            for line in caveats(cp, foreign, rp_all):
+                log.warning("connection %s on %s: %s", cp.connection.label, cp.connection.iface, line)
 
     def _record_outcomes(self, record: Record, plans: List[ConnectionPlan]) -> None:
         outcomes = {}

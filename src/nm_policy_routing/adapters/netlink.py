@@ -120,9 +120,11 @@ class Netlink:
                 fwmask=(msg.get("fwmask") or 0) if msg.get("fwmark") is not None else 0,
                 src=msg.get("src") if msg["src_len"] else None,
                 src_len=msg["src_len"],
+                iif=msg.get("iifname") or None,
             )
             if rule.fwmark and not rule.fwmask:
-                rule = Rule(rule.family, rule.priority, rule.table, rule.fwmark, U32, rule.src, rule.src_len)
+                rule = Rule(rule.family, rule.priority, rule.table, rule.fwmark, U32, rule.src, rule.src_len,
+                            rule.iif)
             out.append((rule, msg.get("protocol") or 0))
         return out
 
@@ -231,6 +233,8 @@ class Netlink:
             args.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
         if rule.src:
             args.update(src=rule.src, src_len=rule.src_len)
+        if rule.iif:
+            args.update(iifname=rule.iif)
         return args
 
     def _route_args(self, route: Route) -> dict:
