@@ -19,11 +19,12 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import PolicyRoutingError
 from .reconcile import Engine
+from .story import tell
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Daemon:
         self.wake: Optional[asyncio.Event] = None
         self.stopping = False
         self._lock_fd: Optional[int] = None
+        self._told: Dict[str, Tuple[str, ...]] = {}  # errors last logged per connection (story.tell)
 
     # ---- signal intake -------------------------------------------------
 
@@ -132,11 +134,7 @@ class Daemon:
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
-        for change in result.changes:
-            log.info("%s", change)
-        for uuid, errors in result.errors.items():
-            for error in errors:
-                log.error("%s", error)
+        tell(result, self._told)
 
     # ---- netlink watch -------------------------------------------------
 

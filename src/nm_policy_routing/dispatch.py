@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from .errors import NetworkManagerError
 from .model import Address, Connection
+from .story import tell
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
             return f"{action} for {uuid}: stale (NetworkManager reports it active again), kept"
-        engine.remove(uuid)
+        tell(engine.remove(uuid))
         return f"{action}: removed the policy of {uuid}"
     if bus_ok and state not in (ACTIVATING, ACTIVATED):
         return f"{action} for {uuid}: stale (no longer active), ignored"
@@ -147,7 +148,6 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if conn is None:
         return f"{action} for {uuid}: no facts, nothing to do"
     result = engine.ensure(conn)
+    tell(result)
     cp = result.plan_of(uuid)
-    for error in cp.errors if cp else ():
-        log.error("%s", error)
     return f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}"
