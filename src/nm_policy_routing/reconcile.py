@@ -217,8 +217,7 @@ class Engine:
             try:
                 self._add(kernel, record, todo, result)
             except PolicyRoutingError as exc:
-                self._undo_adds(kernel, record, todo, before, result)
-                log.error("%s", _failed(cp, exc))
+                self._undo_adds(kernel, record, todo, before, result)  # the caller logs the error (story.py)
                 plans.append(with_status(cp, "error", [_failed(cp, exc)]))
                 continue
             added[cp.connection.uuid] = todo

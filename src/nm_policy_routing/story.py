@@ -67,22 +67,24 @@ def entries(result: "Result") -> List[Tuple[int, Optional[Connection], str]]:
     out: List[Tuple[int, Optional[Connection], str]] = []
     for uuid, (conn, changes) in grouped.items():
         cp = active.get(uuid)
-        if cp is None:
+        level = logging.INFO
+        if cp is None or cp.status == "disabled":
             what = "policy removed"
         elif cp.status == "ok":
             what = "policy applied" if any(c.startswith(("add", "set")) for c in changes) else "policy updated"
-        else:
-            what = "policy taken back"
-        out.append((logging.INFO, conn, f"{named(conn)}: {what}: {'; '.join(changes)}"))
+        else:  # refused: what it had added is taken back; the error below tells the event
+            what, level = "partial changes rolled back", logging.DEBUG
+        out.append((level, conn, f"{named(conn)}: {what}: {'; '.join(changes)}"))
     for text in shared:
         out.append((logging.INFO, None, text))
     for cp in result.plans:
         if cp.errors:
             why = {"invalid": "invalid policy", "conflict": "conflicts with state that is not ours"}.get(
                 cp.status, "not applied")
+            inner = f"connection {cp.connection.label} on {cp.connection.iface}: "  # reconcile's own naming
+            problems = "; ".join(e[len(inner):] if e.startswith(inner) else e for e in cp.errors)
             out.append((logging.ERROR, cp.connection,
-                        f"{named(cp.connection)}: policy refused ({why}), nothing of it is installed: "
-                        + "; ".join(cp.errors)))
+                        f"{named(cp.connection)}: policy refused ({why}), nothing of it is installed: {problems}"))
     return out
 
 

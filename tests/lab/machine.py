@@ -155,7 +155,10 @@ class Machine:
         run(["ip", "netns", "attach", self.name, str(pid)])
         self.seed.host = self.netns
         self.seed.add_host_links(address_host=False)
-        state = self.exec("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).stdout.strip()
+        def settled() -> Optional[str]:  # systemctl answers once PID 1's bus is up
+            out = self.exec("systemctl", "is-system-running", "--wait", check=False, timeout=timeout)
+            return out.stdout.strip() or None
+        state = wait_for(settled, timeout, 0.2) or ""
         if state not in ("running", "degraded"):
             raise MachineError(f"boot {self.boots}: systemd says {state!r}; failed units: "
                                + self.exec("systemctl", "--failed", "--no-legend", check=False).stdout)
@@ -164,7 +167,8 @@ class Machine:
     def poweroff(self, timeout: float = 60) -> None:
         """systemctl poweroff, wait for nspawn to end (SIGKILL after ``timeout``); unbind the netns."""
         if self.proc is not None and self.proc.poll() is None:
-            self.exec("systemctl", "poweroff", check=False, timeout=30)
+            if self.pid1 is None or self.exec("systemctl", "poweroff", check=False, timeout=30).returncode:
+                self.proc.terminate()  # nspawn asks the container's PID 1 to power off
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
