@@ -18,7 +18,6 @@ from tests.lab.debtest import POLICY, applied, clean
 from tests.lab.demo import say, show, verdict
 from tests.lab.machine import Machine, MachineError
 from tests.lab.netns import ROOT, Seed, run, wait_for
-from tests.lab.nm import SERVICE_UUID
 from tests.lab.trixie import PACKAGE, Tree
 from tests.lab.world import PROTO
 
