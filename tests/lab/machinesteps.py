@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from tests.lab.debtest import POLICY, applied, clean
 from tests.lab.demo import say, show, verdict
@@ -145,22 +145,25 @@ def _versions(changelog: str) -> List[str]:
     return re.findall(rf"^{PACKAGE} \(([^)]+)\)", changelog, re.M)
 
 
-def builds(tree_path: str) -> Dict[str, Tuple[str, str]]:
+def builds(tree_path: str, log_dir: str, previous: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
     """{"previous"|"current": (version, host path of the .deb)}: HEAD, and the newest commit whose
-    changelog's top version is the version before HEAD's (so it keeps working for later versions)."""
+    changelog's top version is the version before HEAD's (so it keeps working for later versions),
+    or the commit ``previous``."""
     versions = _versions(_git("show", f"HEAD:{CHANGELOG}"))
+    if previous:
+        versions[1:2] = [_versions(_git("show", f"{previous}:{CHANGELOG}"))[0]]
     if len(versions) < 2:
         raise MachineError(f"{CHANGELOG} has no previous version to upgrade from")
-    previous = None
-    for commit in _git("rev-list", "HEAD").split():
-        top = _versions(subprocess.run(["git", "-C", ROOT, "show", f"{commit}:{CHANGELOG}"], capture_output=True,
-                                       text=True).stdout)
+    for commit in [] if previous else _git("rev-list", "HEAD").split():
+        shown = subprocess.run(["git", "-c", f"safe.directory={ROOT}", "-C", ROOT, "show", f"{commit}:{CHANGELOG}"],
+                               capture_output=True, text=True)  # fails where the file did not exist yet
+        top = _versions(shown.stdout)
         if top and top[0] == versions[1]:
             previous = commit
             break
     if previous is None:
         raise MachineError(f"no commit has version {versions[1]} at the top of {CHANGELOG}")
-    tree = Tree(tree_path, os.path.join(os.path.dirname(tree_path.rstrip("/")), "npr-machine-test"))
+    tree = Tree(tree_path, log_dir)
     out: Dict[str, Tuple[str, str]] = {}
     for name, commit, version in (("previous", previous, versions[1]), ("current", "HEAD", versions[0])):
         tar = subprocess.run(["git", "-c", f"safe.directory={ROOT}", "-C", ROOT, "archive",

@@ -13,6 +13,7 @@ connections; purge. Prints PASS/FAIL per check and the wall time.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import time
 import traceback
 from typing import List, Optional
 
-from tests.lab.machine import Machine, ensure_tree
+from tests.lab.machine import MACHINE_TREE, Machine, ensure_tree
 from tests.lab.machinesteps import Checks, builds, root_netns, steps
 from tests.lab.netns import Lab, Seed, run
 
@@ -29,6 +30,12 @@ LOG_DIR = "/var/tmp/npr-machine-test"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="./run machine-test", description=(
+        "The package on a booted Debian 13 machine: upgrade, lifecycle, restart, polkit, journal, reboots, "
+        f"purge. The tree: $NPR_MACHINE_TREE (now {MACHINE_TREE}); logs: {LOG_DIR}."))
+    parser.add_argument("--previous", metavar="COMMIT", help="upgrade from the package built from COMMIT "
+                        "(default: the newest commit whose changelog has the version before HEAD's)")
+    args = parser.parse_args(argv)
     started = time.monotonic()
     shutil.rmtree(LOG_DIR, ignore_errors=True)
     os.makedirs(LOG_DIR)
@@ -40,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         checks.step("1. The machine's tree (a copy of the deb-test tree + systemd, polkitd, NetworkManager)")
         tree = ensure_tree(LOG_DIR)
         checks.step("2. Building the previous and this version of the package")
-        debs = builds(tree)
+        debs = builds(tree, LOG_DIR, args.previous)
         with Lab() as lab:
             seed = Seed.build(lab, host_links=False)
             machine = Machine(tree, seed, LOG_DIR)
