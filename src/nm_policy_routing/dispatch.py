@@ -123,12 +123,15 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if env.get("CONNECTION_EXTERNAL") == "1":
         return f"{action} on {iface}: external connection, not ours to manage"
     from .adapters.networkmanager import ACTIVATED, ACTIVATING
+    from .journal import about, named
 
+    event = Connection(uuid=uuid, id=env.get("CONNECTION_ID", uuid), iface=env.get("DEVICE_IP_IFACE") or iface)
     try:
         state, bus_facts = asyncio.run(_from_bus(uuid, with_facts=action in ENSURE))
         bus_ok = True
     except NetworkManagerError as exc:
-        log.warning("NetworkManager is not reachable over D-Bus (%s); using the event's environment", exc)
+        log.warning("%s: %s: NetworkManager is not reachable over D-Bus (%s); using the event's environment",
+                    named(event), action, exc, extra=about(event))
         state, bus_facts, bus_ok = None, None, False
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
@@ -139,9 +142,9 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
         return f"{action} for {uuid}: stale (no longer active), ignored"
     user = user_data_from_env(env) or (dict(bus_facts.user_data) if bus_facts else None)
     if user is None and not bus_ok:
-        log.error("%s for %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
+        log.error("%s: %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
                   "left as it was. Start dbus/NetworkManager, then run 'nm-policy-routing apply'.",
-                  action, uuid)
+                  named(event), action, extra=about(event))
         return f"{action} for {uuid}: policy unknown, left as it was"
     env_facts = facts_from_env(iface, env, user)
     conn = bus_facts if bus_facts and bus_facts.addresses else env_facts or bus_facts
