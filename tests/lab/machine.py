@@ -9,10 +9,11 @@ behind on this machine:
   booted itself: each run boots an overlay (lowerdir = the tree, upperdir = the run's
   own directory) mounted in a private mount namespace, so it vanishes with nspawn.
   A reboot powers off and boots the same upperdir again (/etc, /var stay; /run is new);
-- this host's PID 1 is not systemd and its cgroups are hybrid: nspawn runs in a cgroup2
-  subtree of its own under /sys/fs/cgroup/unified (``--register=no --keep-unit``),
-  removed at the end; ``--system-call-filter=bpf`` lets the service's ``IPAddressDeny=``
-  and ``DevicePolicy=`` work inside;
+- nspawn runs in a cgroup2 subtree of its own, removed at the end
+  (``--register=no --keep-unit``: no systemd needed on this host; cgroup2 is at
+  /sys/fs/cgroup/unified on a hybrid host like the build machine, else /sys/fs/cgroup);
+  ``--system-call-filter=bpf`` lets the service's ``IPAddressDeny=`` and
+  ``DevicePolicy=`` work inside;
 - NICs: veth pairs made from outside in PID 1's network namespace (``ip netns attach``),
   while a oneshot unit ordered before NetworkManager waits for them, as NICs appear
   at boot. Nothing touches the root network namespace.
@@ -36,7 +37,6 @@ from tests.lab.trixie import TREE, Tree
 MACHINE_TREE = os.environ.get("NPR_MACHINE_TREE", "/var/tmp/npr-machine")
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "polkitd", "network-manager", "iproute2", "iputils-ping",
             "nftables", "procps", "util-linux", "python3-pyroute2")
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 NICS_UNIT = """[Unit]
@@ -65,6 +65,16 @@ exec systemd-nspawn --boot --private-network --register=no --keep-unit --machine
 
 class MachineError(RuntimeError):
     """The machine could not be prepared, booted or powered off; the message says which."""
+
+
+def cgroup2_root() -> str:
+    """Where cgroup2 is mounted: /sys/fs/cgroup (a unified host, e.g. Debian 12 with systemd),
+    or /sys/fs/cgroup/unified (a hybrid host, such as this project's build machine)."""
+    for path in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if os.path.exists(os.path.join(path, "cgroup.controllers")):
+            return path
+    raise MachineError("no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified: "
+                       "systemd in the container needs one")
 
 
 # ---- the tree ---------------------------------------------------------------------
@@ -100,7 +110,7 @@ class Machine:
         self.seed = seed  # mon + rtr of the lab; the machine is its host
         self.log_dir = log_dir
         self.name = name or f"{seed.lab.prefix}machine"
-        self.cgroup = os.path.join(CGROUP_ROOT, self.name)
+        self.cgroup = os.path.join(cgroup2_root(), self.name)
         self.state = tempfile.mkdtemp(prefix="npr-machine-", dir="/var/tmp")
         for sub in ("upper", "work", "merged"):
             os.makedirs(os.path.join(self.state, sub))
