@@ -118,3 +118,13 @@ def test_a_refused_policy_is_an_error_told_once(tmp_path, caplog) -> None:
     assert len(errors) == 1
     assert errors[0].getMessage().startswith("connection 'id-eth3' (uuid-bad) on eth3: policy refused (invalid policy)")
     assert errors[0].npr_connection_uuid == "uuid-bad" and errors[0].npr_device == "eth3"
+
+
+def test_a_disabled_policy_is_told_as_removed(tmp_path) -> None:
+    from nm_policy_routing.reconcile import Engine
+
+    kernel = _MarkingKernel()
+    engine = Engine(str(tmp_path), kernel_factory=lambda: kernel)
+    engine.reconcile([conn("uuid-a", "eth1", n=1, table="100", fwmark="0x1", priority="1000")])
+    told = entries(engine.reconcile([conn("uuid-a", "eth1", n=1, enable="no")]))
+    assert [(level, text.split(": ")[1]) for level, _, text in told] == [(logging.INFO, "policy removed")]
