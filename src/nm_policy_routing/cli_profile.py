@@ -22,7 +22,7 @@ def _full_key(key: str) -> str:
 def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], Dict[str, str]]) -> int:
     """Read the profile's user data, change it, validate, write it back (Update2)."""
     from .adapters.networkmanager import ACTIVATED
-    from .errors import PolicyError
+    from .errors import NotPermittedError, PolicyError
     from .policy import parse_policy
 
     async def go(nm):
@@ -33,7 +33,10 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         new = change(current)
         parse_policy(new, label)  # raises PolicyError: nothing is written
         if new != current:
-            await nm.set_user_data(path, new)
+            try:
+                await nm.set_user_data(path, new)
+            except NotPermittedError as exc:
+                raise NotPermittedError(refusal(conn, exc)) from exc
         return label, await nm.active_state(conn.get("uuid", ""))
 
     try:
@@ -47,6 +50,23 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         for change_line in result.changes:
             print(change_line)
     return EX_OK
+
+
+MODIFY_SYSTEM = "org.freedesktop.NetworkManager.settings.modify.system"
+
+
+def refusal(conn: Dict[str, str], exc: Exception) -> str:
+    """NetworkManager refused to change a profile: say it in the user's words, and what to do."""
+    iface = conn.get("interface-name") or "any interface"
+    return (f"not permitted to modify connection '{conn.get('id')}' ({conn.get('uuid')}, {iface}): "
+            f"NetworkManager lets only users authorized for the polkit action {MODIFY_SYSTEM} "
+            "change a system connection. Nothing was changed. Run the command with sudo, or allow "
+            "a group that action with a polkit rule, e.g. /etc/polkit-1/rules.d/50-nm-policy-routing.rules:\n"
+            "  polkit.addRule(function(action, subject) {\n"
+            f"      if (action.id == \"{MODIFY_SYSTEM}\" && subject.isInGroup(\"netadmin\"))\n"
+            "          return polkit.Result.YES;\n"
+            "  });\n"
+            f"(NetworkManager said: {exc})")
 
 
 def _daemon_running(args: argparse.Namespace) -> bool:

@@ -25,12 +25,13 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from . import daemonlock
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import NetworkManagerError, PolicyRoutingError
 from .reconcile import Engine
+from .story import tell
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Daemon:
         self._lost: Optional[asyncio.Event] = None
         #: monotonic time the running re-sync started, None when idle (the heartbeat checks it)
         self._busy_since: Optional[float] = None
+        self._told: Dict[str, Tuple[str, ...]] = {}  # errors last logged per connection (story.tell)
 
     # ---- signal intake -------------------------------------------------
 
@@ -167,11 +169,7 @@ class Daemon:
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
-        for change in result.changes:
-            log.info("%s", change)
-        for uuid, errors in result.errors.items():
-            for error in errors:
-                log.error("%s", error)
+        tell(result, self._told)
 
     # ---- netlink watch -------------------------------------------------
 

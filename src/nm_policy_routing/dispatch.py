@@ -19,6 +19,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from .errors import NetworkManagerError
 from .model import Address, Connection, real_gateway
+from .story import tell
 
 log = logging.getLogger(__name__)
 
@@ -131,25 +132,28 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if env.get("CONNECTION_EXTERNAL") == "1":
         return f"{action} on {iface}: external connection, not ours to manage"
     from .adapters.networkmanager import ACTIVATED, ACTIVATING
+    from .journal import about, named
 
+    event = Connection(uuid=uuid, id=env.get("CONNECTION_ID", uuid), iface=env.get("DEVICE_IP_IFACE") or iface)
     try:
         state, bus_facts = asyncio.run(_from_bus(uuid, with_facts=action in ENSURE))
         bus_ok = True
     except NetworkManagerError as exc:
-        log.warning("NetworkManager is not reachable over D-Bus (%s); using the event's environment", exc)
+        log.warning("%s: %s: NetworkManager is not reachable over D-Bus (%s); using the event's environment",
+                    named(event), action, exc, extra=about(event))
         state, bus_facts, bus_ok = None, None, False
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
             return f"{action} for {uuid}: stale (NetworkManager reports it active again), kept"
-        engine.remove(uuid)
+        tell(engine.remove(uuid))
         return f"{action}: removed the policy of {uuid}"
     if bus_ok and state not in (ACTIVATING, ACTIVATED):
         return f"{action} for {uuid}: stale (no longer active), ignored"
     user = user_data_from_env(env) or (dict(bus_facts.user_data) if bus_facts else None)
     if user is None and not bus_ok:
-        log.error("%s for %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
+        log.error("%s: %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
                   "left as it was. Start dbus/NetworkManager, then run 'nm-policy-routing apply'.",
-                  action, uuid)
+                  named(event), action, extra=about(event))
         return f"{action} for {uuid}: policy unknown, left as it was"
     env_facts = facts_from_env(iface, env, user)
     conn = bus_facts if bus_facts and bus_facts.addresses else env_facts or bus_facts
@@ -160,7 +164,6 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if conn is None:
         return f"{action} for {uuid}: no facts, nothing to do"
     result = engine.ensure(conn)
+    tell(result)
     cp = result.plan_of(uuid)
-    for error in cp.errors if cp else ():
-        log.error("%s", error)
     return f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}"

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 from .caveats import caveats
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
+from .journal import about, named
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from .planner import plan, with_status
 from .record import Record, locked, state_dir
+from .story import owners_of
 
 if TYPE_CHECKING:
     from .config import Defaults
@@ -60,6 +62,14 @@ class Result:
     changes: List[str] = field(default_factory=list)
     #: with dry_run: the equivalent shell commands, in order
     commands: List[str] = field(default_factory=list)
+    #: each change with the connection it belongs to (None: shared by all, e.g. the nft table rewritten)
+    attributed: List[Tuple[Optional[Connection], str]] = field(default_factory=list)
+    owner: Callable[[Any], Optional[Connection]] = field(default=lambda entry: None, repr=False)
+
+    def change(self, text: str, entry: Any = None) -> None:
+        """Record a change made to the kernel; ``entry`` tells whose it is."""
+        self.changes.append(text)
+        self.attributed.append((self.owner(entry) if entry is not None else None, text))
 
     @property
     def errors(self) -> Dict[str, List[str]]:
@@ -198,6 +208,7 @@ class Engine:
                 kernel.close()
 
     def _reconcile(self, kernel: Kernel, record: Record, conns: Dict[str, Connection]) -> Result:
+        previous = (record.connections(), record.allocations())
         originals = record.sysctl_originals()
         before = kernel.read(originals)
         cache = record.policies()
@@ -210,7 +221,7 @@ class Engine:
                                 **the_plan.allocations})
         self._record_originals(kernel, record, the_plan.desired.sysctls)
         record.save()  # allocations and originals first: a crash mid-apply restarts from here
-        result = Result()
+        result = Result(owner=owners_of(*previous, the_plan.connections))
         plans: List[ConnectionPlan] = []
         added: Dict[str, KernelState] = {}
         current = before
@@ -222,8 +233,7 @@ class Engine:
             try:
                 self._add(kernel, record, todo, result)
             except PolicyRoutingError as exc:
-                self._undo_adds(kernel, record, todo, before, result)
-                log.error("%s", _failed(cp, exc))
+                self._undo_adds(kernel, record, todo, before, result)  # the caller logs the error (story.py)
                 plans.append(with_status(cp, "error", [_failed(cp, exc)]))
                 continue
             added[cp.connection.uuid] = todo
@@ -274,15 +284,15 @@ class Engine:
                 continue
             fault_point("sysctl")
             kernel.write_sysctl(entry)
-            result.changes.append(f"set {entry}")
+            result.change(f"set {entry}", entry)
         for route in sorted(todo.routes):
             fault_point("route")
             kernel.add_route(route)
-            result.changes.append(f"add {route}")
+            result.change(f"add {route}", route)
         for rule in sorted(todo.rules):
             fault_point("rule")
             kernel.add_rule(rule)
-            result.changes.append(f"add {rule}")
+            result.change(f"add {rule}", rule)
 
     def _undo_adds(self, kernel: Kernel, record: Record, todo: KernelState, before: KernelState,
                    result: Result) -> None:
@@ -301,7 +311,7 @@ class Engine:
                 _quietly(kernel.write_sysctl, Sysctl(entry.family, entry.iface, entry.key, int(value)))
             if key not in prior:
                 record.data["sysctls"].pop(key, None)
-        result.changes.append("rolled back a connection's partial changes")
+        result.change("rolled back a connection's partial changes", next(iter(todo.entries()), None))
 
     def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result) -> None:
         if target.marks == before.marks and kernel.nft_intact:
@@ -309,11 +319,18 @@ class Engine:
         fault_point("nft")
         kernel.set_marks(target.marks)
         result.changes.append(f"nft table: {len(target.marks)} marking entries")
+        added, removed = sorted(target.marks - before.marks), sorted(before.marks - target.marks)
+        for mark_entry in added:
+            result.attributed.append((result.owner(mark_entry), f"add {mark_entry}"))
+        for mark_entry in removed:
+            result.attributed.append((result.owner(mark_entry), f"delete {mark_entry}"))
+        if not added and not removed:
+            result.attributed.append((None, f"nft table rewritten: {len(target.marks)} marking entries"))
         gone = {Fwmark(m.value, m.mask) for m in before.marks} - {Fwmark(m.value, m.mask) for m in target.marks}
         for mark in sorted(gone, key=lambda f: (f.mask, f.value)):
             fault_point("conntrack")
             kernel.flush_conntrack(mark)  # its flows re-route at once; no other entry is touched
-            result.changes.append(f"conntrack: deleted the flows marked {mark}")
+            result.change(f"conntrack: deleted the flows marked {mark}", mark)
 
     def _remove_stale(self, kernel: Kernel, record: Record, current: KernelState, target: KernelState,
                       result: Result) -> None:
@@ -321,13 +338,13 @@ class Engine:
         for rule in sorted(stale.rules):
             fault_point("rule")
             kernel.del_rule(rule)
-            result.changes.append(f"delete {rule}")
+            result.change(f"delete {rule}", rule)
         replaced = {_route_key(r) for r in target.routes}
         for route in sorted(stale.routes):
             if _route_key(route) not in replaced:  # 'replace' already overwrote it
                 fault_point("route")
                 kernel.del_route(route)
-                result.changes.append(f"delete {route}")
+                result.change(f"delete {route}", route)
         wanted = {slot(s) for s in target.sysctls}
         for key, original in sorted(record.data["sysctls"].items()):
             if key in wanted:
@@ -336,7 +353,8 @@ class Engine:
             if kernel.read_sysctl(family, iface, name) is not None:
                 fault_point("sysctl")
                 kernel.write_sysctl(Sysctl(family, iface, name, int(original)))
-                result.changes.append(f"restore net.{family}.conf.{iface}.{name}={original}")
+                result.change(f"restore net.{family}.conf.{iface}.{name}={original}",
+                              Sysctl(family, iface, name, int(original)))
             del record.data["sysctls"][key]
 
     def _rollback(self, kernel: Kernel, record: Record, before: KernelState) -> None:
@@ -374,7 +392,7 @@ class Engine:
         rp_all = kernel.read_sysctl("ipv4", "all", "rp_filter") if applied else None
         for cp in applied:
             for line in caveats(cp, foreign, rp_all):
-                log.warning("connection %s on %s: %s", cp.connection.label, cp.connection.iface, line)
+                log.warning("%s: %s", named(cp.connection), line, extra=about(cp.connection))
 
     def _record_outcomes(self, record: Record, plans: List[ConnectionPlan]) -> None:
         outcomes = {}
