@@ -41,6 +41,8 @@ def owners_of(previous: Dict[str, Connection], allocations: Dict[str, Allocation
         know(cp.connection, cp.allocation)
 
     def owner(entry: Any) -> Optional[Connection]:
+        if isinstance(entry, Rule) and entry.iif:  # an incoming policy's forward rule (lookup main)
+            return by_iface.get(entry.iif)
         if isinstance(entry, (Rule, Route)):
             return by_table.get(entry.table)
         if isinstance(entry, (Mark, Sysctl)):
