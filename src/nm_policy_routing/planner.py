@@ -202,6 +202,21 @@ class _Allocator:
         return None
 
 
+def _nft_unsafe(iface: str) -> Optional[str]:
+    """Why nft would not read this (kernel-valid) name literally, or None.
+
+    In an ``ifname`` element ``*`` makes a prefix wildcard (refused by a map without the
+    interval flag: the whole transaction fails), ``\\`` escapes the next character (``x\\*``
+    reads back as ``x*`` and never matches) and a leading ``@`` names a set."""
+    if "*" in iface:
+        return "contains '*' (nft's wildcard)"
+    if "\\" in iface:
+        return "contains '\\' (nft's escape character)"
+    if iface.startswith("@"):
+        return "starts with '@' (nft's set reference)"
+    return None
+
+
 def _families(conn: Connection, policy: Policy) -> List[int]:
     return [f for f in (4, 6) if policy.wants_family(f) and _usable(conn.addresses_of(f))]
 
@@ -221,15 +236,20 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
     for family in families:
         addrs = _usable(conn.addresses_of(family))
         primary = addrs[0].ip
+        # one route per destination (the kernel keeps one per table and prefix): addresses
+        # sharing a prefix (a second address, a VIP, SLAAC + privacy) share its route, whose
+        # src is the first of them; the connected routes win over a policy route to the same prefix
+        by_dst: Dict[str, Route] = {}
         for addr in addrs:
             if addr.prefixlen < (32 if family == 4 else 128):
-                routes.add(Route(family, t, addr.network, iface, None, addr.ip))
+                by_dst.setdefault(addr.network, Route(family, t, addr.network, iface, None, addr.ip))
         gateway = conn.gateway_of(family)
         if gateway:
-            routes.add(Route(family, t, _DEFAULT[family], iface, gateway, primary))
+            by_dst.setdefault(_DEFAULT[family], Route(family, t, _DEFAULT[family], iface, gateway, primary))
         for extra in policy.routes:
             if extra.family == family:
-                routes.add(Route(family, t, extra.prefix, iface, extra.via, primary))
+                by_dst.setdefault(extra.prefix, Route(family, t, extra.prefix, iface, extra.via, primary))
+        routes.update(by_dst.values())
         if alloc.fwmark is not None:
             rules.add(Rule(family, p, t, alloc.fwmark.value, alloc.fwmark.mask))
         if "source" in policy.match:
@@ -275,6 +295,10 @@ def plan(
         problems = []
         if not _IFNAME.match(conn.iface or ""):
             problems.append(f"interface name {conn.iface!r} is not a valid Linux interface name")
+        elif policy.uses_marks and _nft_unsafe(conn.iface):
+            problems.append(f"interface name {conn.iface!r} {_nft_unsafe(conn.iface)}, so nftables cannot "
+                            "match it literally; rename the interface (connection.interface-name) to use "
+                            "a policy on it")
         elif conn.iface in seen_ifaces:
             problems.append(f"interface {conn.iface} already carries the policy of connection "
                             f"{seen_ifaces[conn.iface]}")
