@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -62,9 +63,24 @@ class Plan:
         return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
 
 
+@functools.lru_cache(maxsize=1)
+def rules_stamp() -> str:
+    """Which validation rules a cached policy passed: a hash of the code that states them, so a
+    new version re-validates every cached policy (no pydantic import: the hook uses the cache)."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("policy.py", "model.py"):
+        try:
+            with open(os.path.join(here, name), "rb") as handle:
+                digest.update(handle.read())
+        except OSError:
+            digest.update(os.urandom(8))  # unknown rules: never trust the cache
+    return digest.hexdigest()[:16]
+
+
 def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
-    """What a validated policy is remembered by: its inputs."""
-    text = json.dumps([user_data, defaults], separators=(",", ":"))
+    """What a validated policy is remembered by: its inputs and the rules it was validated by."""
+    text = json.dumps([user_data, defaults, rules_stamp()], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

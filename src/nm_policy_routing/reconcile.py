@@ -19,7 +19,7 @@ from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from .planner import plan, with_status
-from .record import Record, locked, state_dir
+from .record import Record, allocations_from_kernel, locked, state_dir
 
 if TYPE_CHECKING:
     from .config import Defaults
@@ -187,7 +187,11 @@ class Engine:
         originals = record.sysctl_originals()
         before = kernel.read(originals)
         cache = record.policies()
-        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
+        previous = record.allocations()
+        if record.damaged:  # rebuilt: keep the tables and marks our tagged entries show
+            by_iface = allocations_from_kernel(before)
+            previous = {**{c.uuid: by_iface[c.iface] for c in conns.values() if c.iface in by_iface}, **previous}
+        the_plan = plan(list(conns.values()), kernel.foreign(), previous, self.defaults(), cache)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
         record.set_policies({k: p for k, p in cache.items() if p in used})
         record.set_connections(conns)
