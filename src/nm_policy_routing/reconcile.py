@@ -230,14 +230,18 @@ class Engine:
             plans = [with_status(cp, "error", [_failed(cp, exc)]) if cp.status == "ok" and cp.state - before
                      else cp for cp in plans]  # a policy already in place stays applied
             target = before  # keep what was there (the other policies keep working); add nothing
-        self._remove_stale(kernel, record, current, target, result)
+        restored: List[str] = []
         try:
+            self._remove_stale(kernel, record, current, target, result, restored)
             if not self.dry_run:
+                fault_point("verify")
                 self._verify(kernel, record, target)
-        except VerifyError:
+        except PolicyRoutingError:
             self._rollback(kernel, record, before)
             record.save()
             raise
+        for key in restored:  # verified: the originals of what we restored are no longer needed
+            record.data["sysctls"].pop(key, None)
         result.plans = plans
         self._record_outcomes(record, plans)
         record.save()
@@ -277,10 +281,13 @@ class Engine:
         """Best effort: take back a connection's adds that were not there before."""
         for rule in sorted(todo.rules - before.rules):
             _quietly(kernel.del_rule, rule)
-        kept = {_route_key(r) for r in before.routes}
+        kept = {_route_key(r): r for r in before.routes}
         for route in sorted(todo.routes - before.routes):
-            if _route_key(route) not in kept:
+            prior = kept.get(_route_key(route))
+            if prior is None:
                 _quietly(kernel.del_route, route)
+            else:  # 'replace' overwrote the route that was there: put it back
+                _quietly(kernel.add_route, prior)
         prior = {slot(s): s.value for s in before.sysctls}
         for entry in sorted(todo.sysctls):
             key = slot(entry)
@@ -304,7 +311,9 @@ class Engine:
             result.changes.append(f"conntrack: deleted the flows marked {mark}")
 
     def _remove_stale(self, kernel: Kernel, record: Record, current: KernelState, target: KernelState,
-                      result: Result) -> None:
+                      result: Result, restored: List[str]) -> None:
+        """Delete what is no longer wanted; sysctls go back to their originals, which stay in the
+        record (listed in ``restored``) until the result is verified."""
         stale = current - target
         for rule in sorted(stale.rules):
             fault_point("rule")
@@ -321,23 +330,43 @@ class Engine:
             if key in wanted:
                 continue
             family, iface, name = key.split("/")
-            if kernel.read_sysctl(family, iface, name) is not None:
+            value = kernel.read_sysctl(family, iface, name)
+            if value is not None and value != int(original):
                 fault_point("sysctl")
                 kernel.write_sysctl(Sysctl(family, iface, name, int(original)))
                 result.changes.append(f"restore net.{family}.conf.{iface}.{name}={original}")
-            del record.data["sysctls"][key]
+            restored.append(key)
 
     def _rollback(self, kernel: Kernel, record: Record, before: KernelState) -> None:
-        """Put back the state found at the start of this reconcile (best effort, logged)."""
-        log.error("verification failed: rolling back to the state before this change")
-        scratch = Result()
+        """Put back exactly the state found at the start of this reconcile: every step is tried
+        (a failed one is logged and the others still run)."""
+        log.error("applying failed: rolling back to the state before this change")
+        originals = record.sysctl_originals()
         try:
-            now = kernel.read(record.sysctl_originals())
-            self._add(kernel, record, before - now, scratch)
-            self._set_marks(kernel, now, before, scratch)
-            self._remove_stale(kernel, record, now, before, scratch)
+            now = kernel.read(originals)
         except PolicyRoutingError as exc:
-            log.error("rollback incomplete: %s; run 'nm-policy-routing apply' to converge", exc)
+            log.error("rollback impossible: %s; run 'nm-policy-routing apply' to converge", exc)
+            return
+        missing, extra = before - now, now - before
+        for entry in sorted(missing.sysctls):
+            _quietly(kernel.write_sysctl, entry)
+        was = {slot(s) for s in before.sysctls}
+        for entry in sorted(extra.sysctls):  # changed in this reconcile from a value recorded now
+            if slot(entry) not in was and slot(entry) in originals:
+                _quietly(kernel.write_sysctl, Sysctl(entry.family, entry.iface, entry.key, originals[slot(entry)]))
+                record.data["sysctls"].pop(slot(entry), None)
+        for route in sorted(missing.routes):  # 'replace' also puts back a route that was overwritten
+            _quietly(kernel.add_route, route)
+        for rule in sorted(missing.rules):
+            _quietly(kernel.add_rule, rule)
+        if now.marks != before.marks or not kernel.nft_intact:
+            _quietly(kernel.set_marks, before.marks)
+        for rule in sorted(extra.rules):
+            _quietly(kernel.del_rule, rule)
+        kept = {_route_key(r) for r in before.routes}
+        for route in sorted(extra.routes):
+            if _route_key(route) not in kept:
+                _quietly(kernel.del_route, route)
 
     def _verify(self, kernel: Kernel, record: Record, target: KernelState) -> None:
         after = kernel.read(record.sysctl_originals())
