@@ -145,11 +145,13 @@ class Daemon:
         from .adapters.netlink import import_iproute
 
         IPRoute = import_iproute()
-        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE,
-                                           RTMGRP_LINK)
+        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE,
+                                           RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK)
+        from .adapters.netlink import IFA_F_DADFAILED, IFA_F_TENTATIVE
         from .model import RT_PROTO
 
         groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
+        groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR  # an address ready (DAD done): a policy waits for it
         groups |= 0x40000  # RTMGRP_IPV6_RULE: 1 << (RTNLGRP_IPV6_RULE - 1)
         with IPRoute() as ipr:
             ipr.bind(groups=groups)
@@ -164,6 +166,8 @@ class Daemon:
                     event = msg.get("event")
                     if event == "RTM_NEWLINK" and msg.get("flags", 0) & 1:  # IFF_UP
                         self.schedule(f"link {msg.get('ifname')} up")
+                    elif event == "RTM_NEWADDR" and not _addr_flags(msg) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                        self.schedule(f"address {msg.get('IFA_ADDRESS')} usable")
                     elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
                             (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
                         self.schedule(f"{event} of ours")
@@ -244,6 +248,11 @@ class Daemon:
         safety.cancel()
         await worker
         self.nm.disconnect()
+
+
+def _addr_flags(msg: Any) -> int:
+    flags = msg.get("IFA_FLAGS")
+    return msg.get("flags", 0) if flags is None else flags
 
 
 def run(engine: Engine) -> None:

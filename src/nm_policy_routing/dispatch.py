@@ -4,6 +4,8 @@ Facts come from the environment first (IP variables on ``up``/``dhcp*-change``,
 ``CONNECTION_USER_*`` from NM 1.46) and from NetworkManager over D-Bus for what it
 lacks (user data on NM < 1.46, addresses on ``pre-up``). A ``down`` for a connection
 that NetworkManager reports active again (a stale, queued event) removes nothing.
+An address still tentative (duplicate address detection) is left out and a detached,
+bounded wait (settle.py) re-applies when it is ready.
 Never raises: the hook must never block NetworkManager.
 """
 
@@ -150,4 +152,10 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     cp = result.plan_of(uuid)
     for error in cp.errors if cp else ():
         log.error("%s", error)
+    if result.waiting.get(uuid) and not getattr(engine, "dry_run", False):
+        from .settle import start
+
+        start(engine.directory, uuid)  # nothing else calls us when DAD is done: a detached wait does
+        return (f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}, waiting for "
+                f"{', '.join(result.waiting[uuid])} (duplicate address detection)")
     return f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}"

@@ -12,8 +12,8 @@ sysctls restored to the value recorded before we first changed them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set
 
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
@@ -33,6 +33,7 @@ class Kernel(Protocol):
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState: ...
     def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]: ...
+    def unusable_addresses(self) -> Set[str]: ...
     def foreign(self) -> ForeignUsage: ...
     def write_sysctl(self, entry: Sysctl) -> None: ...
     def add_route(self, route: Route) -> None: ...
@@ -56,6 +57,8 @@ class Result:
     changes: List[str] = field(default_factory=list)
     #: with dry_run: the equivalent shell commands, in order
     commands: List[str] = field(default_factory=list)
+    #: uuid -> addresses left out because the kernel does not take them as a source yet
+    waiting: Dict[str, List[str]] = field(default_factory=dict)
 
     @property
     def errors(self) -> Dict[str, List[str]]:
@@ -191,7 +194,11 @@ class Engine:
         if record.damaged:  # rebuilt: keep the tables and marks our tagged entries show
             by_iface = allocations_from_kernel(before)
             previous = {**{c.uuid: by_iface[c.iface] for c in conns.values() if c.iface in by_iface}, **previous}
-        the_plan = plan(list(conns.values()), kernel.foreign(), previous, self.defaults(), cache)
+        result = Result()
+        held = self._held_back(kernel, conns, result)
+        planned = [replace(c, addresses=tuple(a for a in c.addresses if a.ip not in held.get(c.uuid, ())))
+                   for c in conns.values()]
+        the_plan = plan(planned, kernel.foreign(), previous, self.defaults(), cache)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
         record.set_policies({k: p for k, p in cache.items() if p in used})
         record.set_connections(conns)
@@ -199,7 +206,6 @@ class Engine:
                                 **the_plan.allocations})
         self._record_originals(kernel, record, the_plan.desired.sysctls)
         record.save()  # allocations and originals first: a crash mid-apply restarts from here
-        result = Result()
         plans: List[ConnectionPlan] = []
         added: Dict[str, KernelState] = {}
         current = before
@@ -207,16 +213,27 @@ class Engine:
             if cp.status != "ok" or not cp.state:
                 plans.append(cp)
                 continue
-            todo = cp.state - current
-            try:
-                self._add(kernel, record, todo, result)
-            except PolicyRoutingError as exc:
-                self._undo_adds(kernel, record, todo, before, result)
-                log.error("%s", _failed(cp, exc))
-                plans.append(with_status(cp, "error", [_failed(cp, exc)]))
+            kept, failures = KernelState(), []
+            for family in (4, 6):  # one family's failure never takes the other down
+                part = _family_part(cp.state, family)
+                todo = part - current
+                try:
+                    self._add(kernel, record, todo, result)
+                except PolicyRoutingError as exc:
+                    self._undo_adds(kernel, record, todo, before, result)
+                    failures.append(f"IPv{family}: {exc}")
+                    continue
+                added[cp.connection.uuid] = added.get(cp.connection.uuid, KernelState()) | todo
+                current = current | todo
+                kept = kept | part
+            if failures and not (kept.rules or kept.routes):
+                log.error("%s", _failed(cp, "; ".join(failures)))
+                plans.append(with_status(cp, "error", [_failed(cp, "; ".join(failures))]))
                 continue
-            added[cp.connection.uuid] = todo
-            current = current | todo
+            if failures:
+                message = _failed_family(cp, failures)
+                log.error("%s", message)
+                cp = replace(cp, state=kept | KernelState(marks=cp.state.marks), errors=(message,))
             plans.append(cp)
         target = KernelState()
         for cp in plans:
@@ -246,6 +263,22 @@ class Engine:
         self._record_outcomes(record, plans)
         record.save()
         return result
+
+    @staticmethod
+    def _held_back(kernel: Kernel, conns: Dict[str, Connection], result: Result) -> Dict[str, List[str]]:
+        """uuid -> its addresses the kernel will not take as a source yet (tentative: duplicate
+        address detection runs) or at all (DAD failed). They are planned without, and come in
+        by a later reconcile (the daemon on the address's notification; the hook's settle)."""
+        if not any(c.addresses for c in conns.values()):
+            return {}
+        unusable = kernel.unusable_addresses()
+        for conn in conns.values():
+            waiting = [a.ip for a in conn.addresses if a.ip in unusable]
+            if waiting:
+                result.waiting[conn.uuid] = waiting
+                log.info("connection %s on %s: address %s is not usable yet (duplicate address detection); "
+                         "the policy for it follows when it is", conn.label, conn.iface, ", ".join(waiting))
+        return result.waiting
 
     def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:
         """Remember each sysctl's value before we first change it (the caller saves the record
@@ -400,7 +433,21 @@ class Engine:
             record.set_outcome(uuid, outcome)
 
 
-def _failed(cp: ConnectionPlan, exc: Exception) -> str:
+def _family_part(state: KernelState, family: int) -> KernelState:
+    """The entries of one address family (the IPv4 sysctls with IPv4); marks are shared."""
+    name = "ipv4" if family == 4 else "ipv6"
+    return KernelState(frozenset(r for r in state.rules if r.family == family),
+                       frozenset(r for r in state.routes if r.family == family),
+                       frozenset(), frozenset(s for s in state.sysctls if s.family == name))
+
+
+def _failed_family(cp: ConnectionPlan, failures: List[str]) -> str:
+    return (f"connection {cp.connection.label} on {cp.connection.iface}: part of its policy was not "
+            f"installed ({'; '.join(failures)}); the other address family's part is. Check the interface "
+            "and its addresses, then run 'nm-policy-routing apply'.")
+
+
+def _failed(cp: ConnectionPlan, exc: object) -> str:
     return (f"connection {cp.connection.label} on {cp.connection.iface}: {exc}; nothing of its policy "
             "was left installed. Check the interface and its addresses, then run "
             "'nm-policy-routing apply'.")

@@ -107,3 +107,17 @@ def test_interface_names_nft_would_not_read_literally(seed: Seed, engine) -> Non
     assert elems == ["eth1"], "the other connection's marking is installed"
     assert seed.tcp(Seed.SERVICE4)
     assert engine.reconcile(svc, *conns)["changes"] == []
+
+
+def test_one_family_failing_keeps_the_other(seed: Seed, engine) -> None:
+    """The kernel refuses the IPv6 part (its source address is not on the host): IPv4 stays."""
+    svc = connection(SVC, "eth1", ["10.0.1.2/24", "fd00:1::99/64"], "10.0.1.1", "fd00:1::1", enable="yes")
+    result = engine.reconcile(svc)
+    plan = result["plans"][SVC]
+    assert plan["status"] == "ok" and "IPv6" in plan["errors"][0] and "IPv4" not in plan["errors"][0], plan
+    ours4 = [r for r in seed.host.ipj("-4", "rule") if str(r.get("protocol")) in ("214", "nm-policy-routing")]
+    ours6 = [r for r in seed.host.ipj("-6", "rule") if str(r.get("protocol")) in ("214", "nm-policy-routing")]
+    assert len(ours4) == 1 and ours6 == []
+    assert seed.tcp(Seed.SERVICE4)
+    again = engine.reconcile(svc)
+    assert [c for c in again["changes"] if "-4" in c] == [], again["changes"]

@@ -50,6 +50,9 @@ class LiveKernel:
         usage = self.netlink.foreign_usage()
         return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(self.nft.foreign_marks()))
 
+    def unusable_addresses(self) -> Set[str]:
+        return self.netlink.unusable_addresses()
+
     def write_sysctl(self, entry: Sysctl) -> None:
         sysctl.write(entry)
 
