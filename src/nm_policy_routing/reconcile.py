@@ -20,6 +20,7 @@ from .faults import fault_point
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from .planner import plan, with_status
 from .record import Record, allocations_from_kernel, locked, state_dir
+from .rollback import roll_back, route_key, slot, undo_adds
 
 if TYPE_CHECKING:
     from .config import Defaults
@@ -43,10 +44,6 @@ class Kernel(Protocol):
     def set_marks(self, marks: Iterable[Mark]) -> None: ...
     def flush_conntrack(self, mark: Fwmark) -> None: ...
     def close(self) -> None: ...
-
-
-def slot(entry: Sysctl) -> str:
-    return "/".join(entry.slot)
 
 
 @dataclass
@@ -77,10 +74,6 @@ class Inspection:
     drift: Dict[str, List[str]]
     stray: List[str]
     foreign: ForeignUsage
-
-
-def _route_key(route: Route) -> tuple:
-    return (route.family, route.table, route.dst)
 
 
 class Engine:
@@ -220,7 +213,7 @@ class Engine:
                 try:
                     self._add(kernel, record, todo, result)
                 except PolicyRoutingError as exc:
-                    self._undo_adds(kernel, record, todo, before, result)
+                    undo_adds(kernel, record, todo, before, result)
                     failures.append(f"IPv{family}: {exc}")
                     continue
                 added[cp.connection.uuid] = added.get(cp.connection.uuid, KernelState()) | todo
@@ -243,7 +236,7 @@ class Engine:
             self._set_marks(kernel, before, target, result)
         except PolicyRoutingError as exc:
             for todo in added.values():
-                self._undo_adds(kernel, record, todo, before, result)
+                undo_adds(kernel, record, todo, before, result)
             plans = [with_status(cp, "error", [_failed(cp, exc)]) if cp.status == "ok" and cp.state - before
                      else cp for cp in plans]  # a policy already in place stays applied
             target = before  # keep what was there (the other policies keep working); add nothing
@@ -254,7 +247,7 @@ class Engine:
                 fault_point("verify")
                 self._verify(kernel, record, target)
         except PolicyRoutingError:
-            self._rollback(kernel, record, before)
+            roll_back(kernel, record, before)
             record.save()
             raise
         for key in restored:  # verified: the originals of what we restored are no longer needed
@@ -309,28 +302,6 @@ class Engine:
             kernel.add_rule(rule)
             result.changes.append(f"add {rule}")
 
-    def _undo_adds(self, kernel: Kernel, record: Record, todo: KernelState, before: KernelState,
-                   result: Result) -> None:
-        """Best effort: take back a connection's adds that were not there before."""
-        for rule in sorted(todo.rules - before.rules):
-            _quietly(kernel.del_rule, rule)
-        kept = {_route_key(r): r for r in before.routes}
-        for route in sorted(todo.routes - before.routes):
-            prior = kept.get(_route_key(route))
-            if prior is None:
-                _quietly(kernel.del_route, route)
-            else:  # 'replace' overwrote the route that was there: put it back
-                _quietly(kernel.add_route, prior)
-        prior = {slot(s): s.value for s in before.sysctls}
-        for entry in sorted(todo.sysctls):
-            key = slot(entry)
-            value = prior.get(key, record.data["sysctls"].get(key))
-            if value is not None:
-                _quietly(kernel.write_sysctl, Sysctl(entry.family, entry.iface, entry.key, int(value)))
-            if key not in prior:
-                record.data["sysctls"].pop(key, None)
-        result.changes.append("rolled back a connection's partial changes")
-
     def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result) -> None:
         if target.marks == before.marks and kernel.nft_intact:
             return
@@ -352,9 +323,9 @@ class Engine:
             fault_point("rule")
             kernel.del_rule(rule)
             result.changes.append(f"delete {rule}")
-        replaced = {_route_key(r) for r in target.routes}
+        replaced = {route_key(r) for r in target.routes}
         for route in sorted(stale.routes):
-            if _route_key(route) not in replaced:  # 'replace' already overwrote it
+            if route_key(route) not in replaced:  # 'replace' already overwrote it
                 fault_point("route")
                 kernel.del_route(route)
                 result.changes.append(f"delete {route}")
@@ -369,37 +340,6 @@ class Engine:
                 kernel.write_sysctl(Sysctl(family, iface, name, int(original)))
                 result.changes.append(f"restore net.{family}.conf.{iface}.{name}={original}")
             restored.append(key)
-
-    def _rollback(self, kernel: Kernel, record: Record, before: KernelState) -> None:
-        """Put back exactly the state found at the start of this reconcile: every step is tried
-        (a failed one is logged and the others still run)."""
-        log.error("applying failed: rolling back to the state before this change")
-        originals = record.sysctl_originals()
-        try:
-            now = kernel.read(originals)
-        except PolicyRoutingError as exc:
-            log.error("rollback impossible: %s; run 'nm-policy-routing apply' to converge", exc)
-            return
-        missing, extra = before - now, now - before
-        for entry in sorted(missing.sysctls):
-            _quietly(kernel.write_sysctl, entry)
-        was = {slot(s) for s in before.sysctls}
-        for entry in sorted(extra.sysctls):  # changed in this reconcile from a value recorded now
-            if slot(entry) not in was and slot(entry) in originals:
-                _quietly(kernel.write_sysctl, Sysctl(entry.family, entry.iface, entry.key, originals[slot(entry)]))
-                record.data["sysctls"].pop(slot(entry), None)
-        for route in sorted(missing.routes):  # 'replace' also puts back a route that was overwritten
-            _quietly(kernel.add_route, route)
-        for rule in sorted(missing.rules):
-            _quietly(kernel.add_rule, rule)
-        if now.marks != before.marks or not kernel.nft_intact:
-            _quietly(kernel.set_marks, before.marks)
-        for rule in sorted(extra.rules):
-            _quietly(kernel.del_rule, rule)
-        kept = {_route_key(r) for r in before.routes}
-        for route in sorted(extra.routes):
-            if _route_key(route) not in kept:
-                _quietly(kernel.del_route, route)
 
     def _verify(self, kernel: Kernel, record: Record, target: KernelState) -> None:
         after = kernel.read(record.sysctl_originals())
@@ -451,10 +391,3 @@ def _failed(cp: ConnectionPlan, exc: object) -> str:
     return (f"connection {cp.connection.label} on {cp.connection.iface}: {exc}; nothing of its policy "
             "was left installed. Check the interface and its addresses, then run "
             "'nm-policy-routing apply'.")
-
-
-def _quietly(fn: Callable, *args) -> None:
-    try:
-        fn(*args)
-    except PolicyRoutingError as exc:
-        log.warning("rollback step failed: %s", exc)

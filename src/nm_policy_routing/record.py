@@ -27,8 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
-from .model import (MATCH_KINDS, Address, Allocation, Connection, ExtraRoute, Fwmark, KernelState, Policy,
-                    Route, Rule)
+from .model import MATCH_KINDS, Address, Allocation, Connection, ExtraRoute, Fwmark, KernelState, Policy
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ address) and interface names nft would not read literally."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 
