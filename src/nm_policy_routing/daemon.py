@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Set, Tuple
 
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import PolicyRoutingError
@@ -73,6 +73,10 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.wake: Optional[asyncio.Event] = None
         self.stopping = False
+        #: (kind, family, table, dst or priority) of the entries the last reconcile installed: a
+        #: deletion of one of ours schedules a resync only if it is one of these (our own deletions
+        #: of stale or undone entries are not news, and must not loop); None: not known yet
+        self._wanted: Optional[Set[Tuple]] = None
         self._lock_fd: Optional[int] = None
 
     # ---- signal intake -------------------------------------------------
@@ -132,6 +136,7 @@ class Daemon:
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
+        self._wanted = {key for cp in result.plans if cp.status == "ok" for key in _keys(cp.state)}
         for change in result.changes:
             log.info("%s", change)
         for uuid, errors in result.errors.items():
@@ -170,7 +175,9 @@ class Daemon:
                         self.schedule(f"address {msg.get('IFA_ADDRESS')} usable")
                     elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
                             (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
-                        self.schedule(f"{event} of ours")
+                        wanted, key = self._wanted, _deleted_key(msg)
+                        if wanted is None or key is None or key in wanted:
+                            self.schedule(f"{event} of ours")
 
     def _watch_nftables(self) -> None:
         """Our nft table deleted or changed by someone (``nft flush ruleset``): resync (a thread)."""
@@ -248,6 +255,30 @@ class Daemon:
         safety.cancel()
         await worker
         self.nm.disconnect()
+
+
+def _keys(state: Any) -> Set[Tuple]:
+    keys: Set[Tuple] = {("route", r.family, r.table, _net(r.dst)) for r in state.routes}
+    return keys | {("rule", r.family, r.table, r.priority) for r in state.rules}
+
+
+def _net(text: str) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+def _deleted_key(msg: Any) -> Optional[Tuple]:
+    """The key of a deleted route or rule, as :func:`_keys` makes them (None if unreadable)."""
+    try:
+        family = 6 if msg["family"] == socket.AF_INET6 else 4
+        if msg.get("event") == "RTM_DELRULE":
+            return ("rule", family, msg.get("FRA_TABLE") or msg["table"], msg.get("FRA_PRIORITY") or 0)
+        dst = msg.get("RTA_DST")
+        return ("route", family, msg.get("RTA_TABLE") or msg["table"],
+                _net(f"{dst}/{msg['dst_len']}" if dst else ("::/0" if family == 6 else "0.0.0.0/0")))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _addr_flags(msg: Any) -> int:

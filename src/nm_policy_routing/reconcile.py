@@ -264,7 +264,8 @@ class Engine:
         by a later reconcile (the daemon on the address's notification; the hook's settle)."""
         if not any(c.addresses for c in conns.values()):
             return {}
-        unusable = kernel.unusable_addresses()
+        reader = getattr(kernel, "unusable_addresses", None)  # a kernel model without it has none
+        unusable = reader() if reader else set()
         for conn in conns.values():
             waiting = [a.ip for a in conn.addresses if a.ip in unusable]
             if waiting:
