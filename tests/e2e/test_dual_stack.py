@@ -103,3 +103,26 @@ def test_daemon_does_not_loop_on_its_own_deletions(lab: Lab) -> None:
         assert Seed.tcp(world.seed, Seed.SERVICE4)
     finally:
         world.close()
+
+
+def test_hook_wait_ends_when_the_connection_goes_down(lab: Lab) -> None:
+    """The connection goes down while its IPv6 address is still tentative: the detached wait
+    installs nothing and ends."""
+    world = World(lab, hook=True)
+    try:
+        host = world.host
+        host.conf("ipv6", "eth1", "accept_dad", 1)  # about 10 s of duplicate address detection
+        host.conf("ipv6", "eth1", "dad_transmits", 10)
+        host.sysctl("net.ipv6.neigh.eth1.retrans_time_ms", 1000)
+        world.nm.seed_keyfiles(user_service=SEED_POLICY)
+        world.nm.up("mgmt")
+        world.nm.up("service")
+        assert _tentative(host) and wait_for(lambda: _seed_rule(world, "-4"), timeout=10)
+        assert wait_for(lambda: _settles(world), timeout=5), "a wait was started"
+        world.nm.down("service")
+        assert wait_for(lambda: not _settles(world), timeout=5), "the wait ends with the connection"
+        assert not world.our_rules("-4") and not world.our_rules("-6") and not world.our_routes("-6")
+        time.sleep(1)
+        assert not world.our_rules("-6"), "nothing comes back"
+    finally:
+        world.close()
