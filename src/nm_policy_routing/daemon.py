@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from . import daemonlock
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
@@ -93,6 +93,10 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.wake: Optional[asyncio.Event] = None
         self.stopping = False
+        #: (kind, family, table, dst or priority) of the entries the last reconcile installed: a
+        #: deletion of one of ours schedules a resync only if it is one of these (our own deletions
+        #: of stale or undone entries are not news, and must not loop); None: not known yet
+        self._wanted: Optional[Set[Tuple]] = None
         self._lock_fd: Optional[int] = None
         self._stop: Optional[asyncio.Event] = None
         #: set when the bus is found dead (by the heartbeat); the connection loop reconnects
@@ -169,6 +173,7 @@ class Daemon:
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
+        self._wanted = {key for cp in result.plans if cp.status == "ok" for key in _keys(cp.state)}
         tell(result, self._told)
 
     # ---- netlink watch -------------------------------------------------
@@ -178,11 +183,13 @@ class Daemon:
         from .adapters.netlink import import_iproute
 
         IPRoute = import_iproute()
-        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE,
-                                           RTMGRP_LINK)
+        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE,
+                                           RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK)
+        from .adapters.netlink import IFA_F_DADFAILED, IFA_F_TENTATIVE
         from .model import RT_PROTO
 
         groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
+        groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR  # an address ready (DAD done): a policy waits for it
         groups |= 0x40000  # RTMGRP_IPV6_RULE: 1 << (RTNLGRP_IPV6_RULE - 1)
         with IPRoute() as ipr:
             ipr.bind(groups=groups)
@@ -197,9 +204,13 @@ class Daemon:
                     event = msg.get("event")
                     if event == "RTM_NEWLINK" and msg.get("flags", 0) & 1:  # IFF_UP
                         self.schedule(f"link {msg.get('ifname')} up")
+                    elif event == "RTM_NEWADDR" and not _addr_flags(msg) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                        self.schedule(f"address {msg.get('IFA_ADDRESS')} usable")
                     elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
                             (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
-                        self.schedule(f"{event} of ours")
+                        wanted, key = self._wanted, _deleted_key(msg)
+                        if wanted is None or key is None or key in wanted:
+                            self.schedule(f"{event} of ours")
 
     def _watch_nftables(self) -> None:
         """Our nft table deleted or changed by someone (``nft flush ruleset``): resync (a thread)."""
@@ -371,6 +382,35 @@ class Daemon:
         else:
             log.warning("NetworkManager is not running; waiting for it")
         return True
+
+
+def _keys(state: Any) -> Set[Tuple]:
+    keys: Set[Tuple] = {("route", r.family, r.table, _net(r.dst)) for r in state.routes}
+    return keys | {("rule", r.family, r.table, r.priority) for r in state.rules}
+
+
+def _net(text: str) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+def _deleted_key(msg: Any) -> Optional[Tuple]:
+    """The key of a deleted route or rule, as :func:`_keys` makes them (None if unreadable)."""
+    try:
+        family = 6 if msg["family"] == socket.AF_INET6 else 4
+        if msg.get("event") == "RTM_DELRULE":
+            return ("rule", family, msg.get("FRA_TABLE") or msg["table"], msg.get("FRA_PRIORITY") or 0)
+        dst = msg.get("RTA_DST")
+        return ("route", family, msg.get("RTA_TABLE") or msg["table"],
+                _net(f"{dst}/{msg['dst_len']}" if dst else ("::/0" if family == 6 else "0.0.0.0/0")))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _addr_flags(msg: Any) -> int:
+    flags = msg.get("IFA_FLAGS")
+    return msg.get("flags", 0) if flags is None else flags
 
 
 def run(engine: Engine) -> None:

@@ -6,6 +6,8 @@ lacks (user data on NM < 1.46, addresses on ``pre-up``). For a VPN (``vpn-*`` ev
 the interface is the event's ``VPN_IP_IFACE`` (tun0), its addresses and gateway the
 ``VPN_IP*_`` ones; a gateway ``0.0.0.0``/``::`` means none. A ``down`` for a connection
 that NetworkManager reports active again (a stale, queued event) removes nothing.
+An address still tentative (duplicate address detection) is left out and a detached,
+bounded wait (settle.py) re-applies when it is ready.
 Never raises: the hook must never block NetworkManager.
 """
 
@@ -122,6 +124,40 @@ async def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optiona
         nm.disconnect()
 
 
+async def _all_active() -> List[Connection]:
+    from .adapters.networkmanager import NetworkManagerBus
+
+    nm = await NetworkManagerBus().connect()
+    try:
+        return await nm.active_connections()
+    finally:
+        nm.disconnect()
+
+
+def _rebuild(action: str, uuid: str, engine) -> Optional[str]:
+    """A damaged record knows no other connection: one event would remove their policies as
+    stale. Re-apply every active connection instead (None: record fine or NetworkManager silent)."""
+    from .record import Record
+
+    if not Record.load(engine.directory).damaged:
+        return None
+    try:
+        conns = asyncio.run(_all_active())
+    except NetworkManagerError as exc:
+        log.warning("cannot list the active connections to rebuild the record (%s)", exc)
+        return None
+    if action in REMOVE:
+        conns = [c for c in conns if c.uuid != uuid]
+    result = engine.reconcile(conns)
+    tell(result)
+    if result.waiting and not getattr(engine, "dry_run", False):
+        from .settle import start
+
+        for waiting in result.waiting:
+            start(engine.directory, waiting)
+    return f"{action} for {uuid}: the record was damaged; rebuilt from {len(conns)} active connections"
+
+
 def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     """Process one event; returns a one-line outcome (for the log)."""
     uuid = env.get("CONNECTION_UUID", "")
@@ -145,10 +181,16 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
             return f"{action} for {uuid}: stale (NetworkManager reports it active again), kept"
+        rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
+        if rebuilt:
+            return rebuilt
         tell(engine.remove(uuid))
         return f"{action}: removed the policy of {uuid}"
     if bus_ok and state not in (ACTIVATING, ACTIVATED):
         return f"{action} for {uuid}: stale (no longer active), ignored"
+    rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
+    if rebuilt:
+        return rebuilt
     user = user_data_from_env(env) or (dict(bus_facts.user_data) if bus_facts else None)
     if user is None and not bus_ok:
         log.error("%s: %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
@@ -166,4 +208,10 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     result = engine.ensure(conn)
     tell(result)
     cp = result.plan_of(uuid)
+    if result.waiting.get(uuid) and not getattr(engine, "dry_run", False):
+        from .settle import start
+
+        start(engine.directory, uuid)  # nothing else calls us when DAD is done: a detached wait does
+        return (f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}, waiting for "
+                f"{', '.join(result.waiting[uuid])} (duplicate address detection)")
     return f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -68,9 +69,24 @@ class Plan:
         return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
 
 
+@functools.lru_cache(maxsize=1)
+def rules_stamp() -> str:
+    """Which validation rules a cached policy passed: a hash of the code that states them, so a
+    new version re-validates every cached policy (no pydantic import: the hook uses the cache)."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("policy.py", "model.py"):
+        try:
+            with open(os.path.join(here, name), "rb") as handle:
+                digest.update(handle.read())
+        except OSError:
+            digest.update(os.urandom(8))  # unknown rules: never trust the cache
+    return digest.hexdigest()[:16]
+
+
 def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
-    """What a validated policy is remembered by: its inputs."""
-    text = json.dumps([user_data, defaults], separators=(",", ":"))
+    """What a validated policy is remembered by: its inputs and the rules it was validated by."""
+    text = json.dumps([user_data, defaults, rules_stamp()], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -210,6 +226,21 @@ class _Allocator:
         return None
 
 
+def _nft_unsafe(iface: str) -> Optional[str]:
+    """Why nft would not read this (kernel-valid) name literally, or None.
+
+    In an ``ifname`` element ``*`` makes a prefix wildcard (refused by a map without the
+    interval flag: the whole transaction fails), ``\\`` escapes the next character (``x\\*``
+    reads back as ``x*`` and never matches) and a leading ``@`` names a set."""
+    if "*" in iface:
+        return "contains '*' (nft's wildcard)"
+    if "\\" in iface:
+        return "contains '\\' (nft's escape character)"
+    if iface.startswith("@"):
+        return "starts with '@' (nft's set reference)"
+    return None
+
+
 def _families(conn: Connection, policy: Policy) -> List[int]:
     return [f for f in (4, 6) if policy.wants_family(f) and _usable(conn.addresses_of(f))]
 
@@ -239,14 +270,20 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
     for family in families:
         addrs = _usable(conn.addresses_of(family))
         primary = addrs[0].ip
+        # one route per destination (the kernel keeps one per table and prefix): addresses
+        # sharing a prefix (a second address, a VIP, SLAAC + privacy) share its route, whose
+        # src is the first of them; the connected routes win over a policy route to the same prefix
+        by_dst: Dict[str, Route] = {}
         for addr in addrs:
             if addr.prefixlen < (32 if family == 4 else 128):
-                routes.add(Route(family, t, addr.network, iface, None, addr.ip))
+                by_dst.setdefault(addr.network, Route(family, t, addr.network, iface, None, addr.ip))
         # without a gateway (never-default VPN, ppp, tun, WireGuard): an on-link default
-        routes.add(Route(family, t, _DEFAULT[family], iface, real_gateway(conn.gateway_of(family)), primary))
+        by_dst.setdefault(_DEFAULT[family], Route(family, t, _DEFAULT[family], iface,
+                                                  real_gateway(conn.gateway_of(family)), primary))
         for extra in policy.routes:
             if extra.family == family:
-                routes.add(Route(family, t, extra.prefix, iface, extra.via, primary))
+                by_dst.setdefault(extra.prefix, Route(family, t, extra.prefix, iface, extra.via, primary))
+        routes.update(by_dst.values())
         if alloc.fwmark is not None:
             rules.add(Rule(family, p, t, alloc.fwmark.value, alloc.fwmark.mask))
             if "incoming" in policy.match:
@@ -296,6 +333,10 @@ def plan(
         problems = []
         if not _IFNAME.match(conn.iface or ""):
             problems.append(f"interface name {conn.iface!r} is not a valid Linux interface name")
+        elif policy.uses_marks and _nft_unsafe(conn.iface):
+            problems.append(f"interface name {conn.iface!r} {_nft_unsafe(conn.iface)}, so nftables cannot "
+                            "match it literally; rename the interface (connection.interface-name) to use "
+                            "a policy on it")
         elif conn.iface in seen_ifaces:
             problems.append(f"interface {conn.iface} already carries the policy of connection "
                             f"{seen_ifaces[conn.iface]}{_KEPT}; one policy per interface")

@@ -85,8 +85,11 @@ def entries(result: "Result") -> List[Tuple[int, Optional[Connection], str]]:
                 cp.status, "not applied")
             inner = f"connection {cp.connection.label} on {cp.connection.iface}: "  # reconcile's own naming
             problems = "; ".join(e[len(inner):] if e.startswith(inner) else e for e in cp.errors)
-            out.append((logging.ERROR, cp.connection,
-                        f"{named(cp.connection)}: policy refused ({why}), nothing of it is installed: {problems}"))
+            if cp.status == "ok":  # one family failed, the other is in place
+                out.append((logging.ERROR, cp.connection, f"{named(cp.connection)}: policy applied in part: {problems}"))
+            else:
+                out.append((logging.ERROR, cp.connection,
+                            f"{named(cp.connection)}: policy refused ({why}), nothing of it is installed: {problems}"))
     return out
 
 

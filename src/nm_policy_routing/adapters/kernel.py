@@ -52,6 +52,9 @@ class LiveKernel:
         return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(marks), tuple(writers),
                             tuple(early))
 
+    def unusable_addresses(self) -> Set[str]:
+        return self.netlink.unusable_addresses()
+
     def write_sysctl(self, entry: Sysctl) -> None:
         sysctl.write(entry)
 

@@ -8,6 +8,7 @@ and nowhere else, lazily, because importing it costs ~400 ms.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -19,6 +20,7 @@ _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 
 
 class _ForeignTables:
@@ -188,6 +190,19 @@ class Netlink:
                     owner = rule_owner(rule.priority, rule.table, rule.fwmark, rule.fwmask)
                     marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
         return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
+
+    def unusable_addresses(self) -> Set[str]:
+        """Addresses the kernel will not take as a route's source yet or at all: tentative
+        (duplicate address detection running) or failed DAD."""
+        out = set()
+        for msg in self._ipr.get_addr():
+            flags = msg.get("IFA_FLAGS")
+            flags = msg["flags"] if flags is None else flags
+            if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+                if address:
+                    out.add(str(ipaddress.ip_address(address)))
+        return out
 
     # ---- for explain ---------------------------------------------------
 
