@@ -205,7 +205,7 @@ def replies_by_eth1(checks: Checks, seed: Seed, m: Machine) -> bool:
     ping = seed.ping(Seed.SERVICE4, count=5)
     tcp4, tcp6 = seed.tcp(Seed.SERVICE4), seed.tcp(Seed.SERVICE6)
     sent = {i: m.netns.counters(i)["tx"] - before[i] for i in ("eth0", "eth1")}
-    ok = checks.check(f"ping (5) and TCP 4/6 monitoring host -> eth1 work", ping and tcp4 and tcp6)
+    ok = checks.check("ping (5) and TCP 4/6 monitoring host -> eth1 work", ping and tcp4 and tcp6)
     return checks.check(f"replies leave by eth1 (tx packets: eth1 +{sent['eth1']}, eth0 +{sent['eth0']})",
                         sent["eth1"] >= 5 and sent["eth0"] < 5) and ok
 
