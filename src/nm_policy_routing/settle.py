@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import PolicyRoutingError
 
     directory, uuid = (argv or sys.argv[1:])[:2]
-    _setup_logging(False, syslog=True)
+    _setup_logging(False, service=True)
     try:
         log.info("%s", settle(directory, uuid))
     except PolicyRoutingError as exc:
