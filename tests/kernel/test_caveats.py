@@ -63,7 +63,7 @@ def test_rp_filter_off_under_a_higher_conf_all(seed: Seed, state_dir: str) -> No
     assert len(warnings) == 1 and "rp-filter=off has no effect on eth1" in warnings[0], warnings
     assert "net.ipv4.conf.all.rp_filter (1)" in warnings[0] and "filters strict" in warnings[0]
     assert "warning: rp-filter=off has no effect on eth1" in text
-    assert f"connection conn-eth1 ({SVC}) on eth1: rp-filter=off has no effect" in log, log
+    assert f"connection 'conn-eth1' ({SVC}) on eth1: rp-filter=off has no effect" in log, log
 
     host.sysctl("net.ipv4.conf.all.rp_filter", 0)
     before = rp_drops(host)

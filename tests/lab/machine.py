@@ -118,6 +118,8 @@ class Machine:
         self.pid1: Optional[int] = None
         self.boots = 0
         self.netns = Netns(self.name)
+        #: MainPIDs of the service of the previous package version (its journal entries are its own)
+        self.previous_pids: set = set()
 
     @property
     def upper(self) -> str:

@@ -113,7 +113,9 @@ def journal(m: Machine, checks: Checks) -> None:
     checks.check("every entry names it (id, UUID, eth1) in text and in CONNECTION_ID, NM_DEVICE", all(
         "'service'" in e.get("MESSAGE", "") and SERVICE_UUID in e.get("MESSAGE", "") and "eth1" in e.get("MESSAGE", "")
         and e.get("CONNECTION_ID") == "service" and e.get("NM_DEVICE") == "eth1" for e in story))
-    unit = [e for e in _journal(m, "-u", PACKAGE) if e.get("_COMM") != "systemd"]
+    # this version's service (the previous version, before the upgrade, logged by stdout and syslog)
+    unit = [e for e in _journal(m, "-u", PACKAGE) if e.get("_COMM") != "systemd"
+            and e.get("_PID") not in m.previous_pids]
     transports = sorted({e.get("_TRANSPORT", "?") for e in unit})
     checks.check(f"the service's {len(unit)} own entries come by the native protocol alone ({transports})",
                  transports == ["journal"])

@@ -190,10 +190,12 @@ def ours(m: Machine) -> Dict[str, Any]:
 
 
 def exactly_once(state: Dict[str, Any]) -> bool:
-    """The seed policy applied with no duplicate: one rule 1000 and one default route in table 100 per family."""
-    priorities = sorted(r.get("priority") for r in state["rules"])
+    """The seed policy applied with no duplicate: per family one rule 1000, one forward rule 999 (``iif
+    eth1 ... lookup main``, for ports published by DNAT) and one default route in table 100."""
+    priorities = sorted(r.get("priority") for r in state["rules"] if "iif" not in r)
+    forward = sorted(r.get("priority") for r in state["rules"] if r.get("iif") == "eth1")
     defaults = [r for r in state["routes"] if r.get("dst") == "default" and str(r.get("table")) == "100"]
-    return applied(state) and priorities == [1000, 1000] and len(defaults) == 2
+    return applied(state) and priorities == [1000, 1000] and forward == [999, 999] and len(defaults) == 2
 
 
 def wait_state(m: Machine, predicate, timeout: float = 30) -> bool:
@@ -268,6 +270,7 @@ def install(m: Machine, checks: Checks, deb: Tuple[str, str]) -> None:
 
 def upgrade(m: Machine, checks: Checks, deb: Tuple[str, str]) -> None:
     pid_before = service(m)[1]
+    m.previous_pids.add(pid_before)
     watcher = m.spawn("chrt", "-f", "10", "python3", "-c", WATCHER, "/run/npr-watch.stop")
     try:
         checks.check("the watcher runs in the machine", watcher.stdout.readline().strip() == "ready")
