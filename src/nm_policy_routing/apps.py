@@ -74,7 +74,7 @@ def read(kernel: object, wanted: Iterable[str], record: Dict) -> KernelState:
 
 
 def remember(kernel: object, record: Dict, target: KernelState, planned: Sequence[ConnectionPlan],
-             final: Sequence[ConnectionPlan]) -> None:
+             final: Sequence[ConnectionPlan], notes: Dict[str, List[str]]) -> None:
     """What the next reconcile needs to find our socket programs (their targets and program ids), and
     the mark of each unit listed by an applied policy, running or not (for ``unit-start``)."""
     record["sockmarks"] = sorted({s.target for s in target.sockmarks})
@@ -83,14 +83,17 @@ def remember(kernel: object, record: Dict, target: KernelState, planned: Sequenc
     applied = {cp.connection.uuid for cp in final if cp.status == "ok"}
     record["unit_marks"] = {s.target: [s.value, s.mask] for cp in planned if cp.connection.uuid in applied
                             for s in sorted(cp.state.sockmarks) if s.target.startswith("unit:")}
+    record["app_notes"] = notes
+    for note in (n for lines in notes.values() for n in lines):
+        log.info("%s", note)
 
 
 def attach(kernel: object, plans: List[ConnectionPlan], before: KernelState, notes: Dict[str, List[str]],
-           changes: List[str]) -> List[ConnectionPlan]:
+           result: object) -> Tuple[List[ConnectionPlan], KernelState]:
     """Attach the socket programs the applied plans ask for (after their rules: a marked socket finds
     its table). One that the kernel refuses is reported in ``notes`` and left out of that plan; the
     connection's other entries stay (its users, its replies)."""
-    out = []
+    out, attached = [], set()
     for cp in plans:
         failed = set()
         for entry in sorted(cp.state.sockmarks - before.sockmarks) if cp.status == "ok" else ():
@@ -102,11 +105,12 @@ def attach(kernel: object, plans: List[ConnectionPlan], before: KernelState, not
                 notes.setdefault(cp.connection.uuid, []).append(note)
                 log.error("%s", note)
                 continue
-            changes.append(f"attach {entry}")
+            result.change(f"attach {entry}", entry)  # type: ignore[attr-defined]
+            attached.add(entry)
         if failed:
             cp = replace(cp, state=replace(cp.state, sockmarks=cp.state.sockmarks - failed))
         out.append(cp)
-    return out
+    return out, KernelState(sockmarks=frozenset(attached))
 
 
 def settle(kernel: object, plans: Sequence[ConnectionPlan]) -> Tuple[List[ConnectionPlan], Dict[str, List[str]]]:

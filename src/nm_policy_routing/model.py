@@ -55,6 +55,18 @@ class Address:
         return cls(str(iface.ip), iface.network.prefixlen)
 
 
+def real_gateway(text: Optional[str]) -> Optional[str]:
+    """A gateway as NetworkManager gives it -> the address, or None when there is none.
+
+    ``0.0.0.0`` and ``::`` mean none (a never-default VPN's ``VPN_IP4_GATEWAY``; NetworkManager
+    even writes ``VPN_IP6_GATEWAY=0.0.0.0``), and so do an empty or unreadable value."""
+    try:
+        address = ipaddress.ip_address((text or "").strip())
+    except ValueError:
+        return None
+    return None if address.is_unspecified else str(address)
+
+
 @dataclass(frozen=True)
 class Connection:
     """What the planner needs to know of one active connection."""
@@ -193,6 +205,9 @@ class Rule:
     fwmask: int = 0
     src: Optional[str] = None
     src_len: int = 0
+    #: only packets arriving on this interface (forwarded ones: a local or reverse-path
+    #: lookup has iif lo)
+    iif: Optional[str] = None
     #: ``uidrange uid_start-uid_end``; -1 = no uid range
     uid_start: int = -1
     uid_end: int = -1
@@ -201,6 +216,8 @@ class Rule:
         sel = []
         if self.src:
             sel.append(f"from {self.src}/{self.src_len}")
+        if self.iif:
+            sel.append(f"iif {self.iif}")
         if self.fwmask:
             sel.append(f"fwmark 0x{self.fwmark:x}/0x{self.fwmask:x}")
         if self.uid_start >= 0:
@@ -318,6 +335,10 @@ class ForeignUsage:
     priorities: FrozenSet[Tuple[int, int]] = frozenset()
     #: mark bits used by foreign rules or nft tables, with who uses them
     marks: Tuple[Tuple[Fwmark, str], ...] = ()
+    #: foreign nft rules that write all 32 mark bits (who: what), reported, not avoidable
+    mark_writers: Tuple[str, ...] = ()
+    #: foreign strict reverse-path filters before our marking: (family, who)
+    early_rpfilter: Tuple[Tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)

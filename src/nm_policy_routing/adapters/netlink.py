@@ -8,6 +8,7 @@ and nowhere else, lazily, because importing it costs ~400 ms.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -21,6 +22,7 @@ _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
 FIB_RULE_FIND_SADDR = 0x00010000
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 
 
 class _ForeignTables:
@@ -122,6 +124,7 @@ class Netlink:
                 fwmask=(msg.get("fwmask") or 0) if msg.get("fwmark") is not None else 0,
                 src=msg.get("src") if msg["src_len"] else None,
                 src_len=msg["src_len"],
+                iif=msg.get("iifname") or None,
                 **_uid_range(msg.get("uid_range")),
             )
             if rule.fwmark and not rule.fwmask:
@@ -190,6 +193,19 @@ class Netlink:
                     marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
         return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
 
+    def unusable_addresses(self) -> Set[str]:
+        """Addresses the kernel will not take as a route's source yet or at all: tentative
+        (duplicate address detection running) or failed DAD."""
+        out = set()
+        for msg in self._ipr.get_addr():
+            flags = msg.get("IFA_FLAGS")
+            flags = msg["flags"] if flags is None else flags
+            if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+                if address:
+                    out.add(str(ipaddress.ip_address(address)))
+        return out
+
     # ---- for explain ---------------------------------------------------
 
     def fib_rules(self, destination: str) -> list:
@@ -237,6 +253,8 @@ class Netlink:
             args.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
         if rule.src:
             args.update(src=rule.src, src_len=rule.src_len)
+        if rule.iif:
+            args.update(iifname=rule.iif)
         if rule.uid_start >= 0:
             args.update(uid_range=f"{rule.uid_start}:{rule.uid_end}")
             if rule.family == 6 and rule.src:  # see apps.py: IPv6 matches a lookup without source only so

@@ -2,16 +2,18 @@
 
 The only module that imports the D-Bus library (dbus-next; dbus-fast is a drop-in
 successor). Honours ``DBUS_SYSTEM_BUS_ADDRESS``. Everything is keyed by connection
-UUID: object paths change when NetworkManager restarts.
+UUID: object paths change when NetworkManager restarts. Every call has a timeout: a
+hung bus or NetworkManager yields a NetworkManagerError, never a process that waits forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import NetworkManagerError, NotPermittedError
-from ..model import Address, Connection
+from ..model import Address, Connection, real_gateway
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
 ACTIVATION_EXTERNAL = 0x80
 UPDATE2_TO_DISK = 0x1
 UPDATE2_NO_REAPPLY = 0x40
+#: seconds to wait for the bus to accept us, and for any one reply
+CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 10.0
 
 
 def _plain(value: Any) -> Any:
@@ -50,13 +55,17 @@ class NetworkManagerBus:
     def __init__(self) -> None:
         self.bus = None
 
-    async def connect(self) -> "NetworkManagerBus":
+    async def connect(self, timeout: float = CONNECT_TIMEOUT) -> "NetworkManagerBus":
         from dbus_next import BusType
         from dbus_next.aio import MessageBus
 
         try:
-            self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        except (OSError, ValueError) as exc:
+            self.bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
+        except asyncio.TimeoutError:
+            raise NetworkManagerError(
+                f"the D-Bus system bus accepted the connection but did not answer within {timeout:g} s; "
+                "is dbus-daemon hung? (DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from None
+        except Exception as exc:  # dbus-next raises OSError, ValueError, AuthError or plain Exception
             raise NetworkManagerError(
                 f"cannot reach the D-Bus system bus ({exc}); is dbus running? "
                 "(DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from exc
@@ -64,16 +73,45 @@ class NetworkManagerBus:
 
     def disconnect(self) -> None:
         if self.bus is not None:
-            self.bus.disconnect()
+            try:
+                self.bus.disconnect()
+            except Exception as exc:  # a bus already gone may fail to close: it is closed
+                log.debug("closing the bus connection: %s", exc)
             self.bus = None
 
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.connected
+
+    async def wait_for_disconnect(self) -> None:
+        """Return when the bus connection ends (the bus died, or we closed it)."""
+        try:
+            await self.bus.wait_for_disconnect()
+        except Exception as exc:  # an unexpected end is still an end
+            log.debug("the bus connection ended: %r", exc)
+
     async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: Optional[List[Any]] = None, destination: str = NM) -> List[Any]:
+                   body: Optional[List[Any]] = None, destination: str = NM,
+                   timeout: float = CALL_TIMEOUT) -> List[Any]:
         from dbus_next import Message, MessageType
 
+        if not self.connected:
+            raise NetworkManagerError(f"cannot call {member} on {path}: the connection to the D-Bus system bus "
+                                      "is closed (the bus went away); it is re-opened when the bus is back")
         msg = Message(destination=destination, path=path, interface=interface, member=member,
                       signature=signature, body=body or [])
-        reply = await self.bus.call(msg)
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), timeout)
+        except asyncio.TimeoutError:
+            getattr(self.bus, "_method_return_handlers", {}).pop(msg.serial, None)  # drop a late reply
+            who = "dbus-daemon" if destination == "org.freedesktop.DBus" else "NetworkManager (or dbus-daemon)"
+            raise NetworkManagerError(
+                f"{destination} did not answer {member} on {path} within {timeout:g} s; is {who} hung?") from None
+        except Exception as exc:  # the connection broke while waiting (dbus-next raises plain errors)
+            raise NetworkManagerError(f"the D-Bus system bus connection broke during {member} on {path} "
+                                      f"({str(exc) or type(exc).__name__})") from exc
+        if reply is None:  # dbus-next answers pending calls with nothing when the bus closes
+            raise NetworkManagerError(f"the D-Bus system bus went away during {member} on {path}")
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
             if "PermissionDenied" in (reply.error_name or "") or "AccessDenied" in (reply.error_name or ""):
@@ -92,6 +130,11 @@ class NetworkManagerBus:
         except NetworkManagerError:
             return None
         return body[0]
+
+    async def ping(self, timeout: float = CALL_TIMEOUT) -> None:
+        """A round trip to the bus itself; NetworkManagerError if it does not answer in time."""
+        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus.Peer", "Ping",
+                        destination="org.freedesktop.DBus", timeout=timeout)
 
     async def add_match(self, rule: str) -> None:
         await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule],
@@ -125,7 +168,35 @@ class NetworkManagerBus:
         except NetworkManagerError:
             return [], None
         addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
-        return addrs, props.get("Gateway") or None
+        return addrs, real_gateway(props.get("Gateway"))
+
+    async def _device_interface(self, devices: List[str]) -> str:
+        for device in devices:
+            dev = await self.props(device, DEVICE)
+            iface = dev.get("IpInterface") or dev.get("Interface") or ""
+            if iface:
+                return iface
+        return ""
+
+    async def _vpn_interface(self, ip4: str, ip6: str) -> str:
+        """A VPN's IP interface (tun0), which its ``Devices`` do not give: they list the parent.
+
+        NetworkManager (1.42 and 1.52 alike) exports for a VPN the IP configuration object of
+        the VPN's IP interface (``nm_l3cfg_ipconfig_acquire`` on the tunnel's l3cfg, or the
+        parent's for a VPN without its own interface): the same object path as that device's
+        ``Ip4Config``/``Ip6Config``. "" when no device shares it (the event's VPN_IP_IFACE
+        then names it)."""
+        wanted = {p for p in (ip4, ip6) if p and p != "/"}
+        if not wanted:
+            return ""
+        for device in (await self.props(NM_PATH, NM)).get("Devices", []):
+            try:
+                dev = await self.props(device, DEVICE)
+            except NetworkManagerError:
+                continue  # it went away meanwhile
+            if {dev.get("Ip4Config"), dev.get("Ip6Config")} & wanted:
+                return dev.get("IpInterface") or dev.get("Interface") or ""
+        return ""
 
     async def facts(self, active_path: str) -> Optional[Tuple[Connection, int]]:
         """The planner's view of one active connection, with its state; None if it vanished."""
@@ -133,14 +204,13 @@ class NetworkManagerBus:
             active = await self.props(active_path, ACTIVE)
         except NetworkManagerError:
             return None
-        iface = ""
-        for device in active.get("Devices", []):
-            dev = await self.props(device, DEVICE)
-            iface = dev.get("IpInterface") or dev.get("Interface") or ""
-            if iface:
-                break
-        addr4, gw4 = await self._ip(active.get("Ip4Config", "/"))
-        addr6, gw6 = await self._ip(active.get("Ip6Config", "/"))
+        ip4, ip6 = active.get("Ip4Config", "/"), active.get("Ip6Config", "/")
+        if active.get("Vpn"):
+            iface = await self._vpn_interface(ip4, ip6)
+        else:
+            iface = await self._device_interface(active.get("Devices", []))
+        addr4, gw4 = await self._ip(ip4)
+        addr6, gw6 = await self._ip(ip6)
         user = await self.user_data(active["Connection"]) if active.get("Connection") else {}
         conn = Connection(
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
