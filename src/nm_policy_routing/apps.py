@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from .errors import PolicyRoutingError
+from .journal import about
 from .model import Allocation, Connection, ConnectionPlan, KernelState, Policy, Rule, SockMark
 
 _UNSPECIFIED = {4: ("0.0.0.0", 32)}
@@ -84,8 +85,6 @@ def remember(kernel: object, record: Dict, target: KernelState, planned: Sequenc
     record["unit_marks"] = {s.target: [s.value, s.mask] for cp in planned if cp.connection.uuid in applied
                             for s in sorted(cp.state.sockmarks) if s.target.startswith("unit:")}
     record["app_notes"] = notes
-    for note in (n for lines in notes.values() for n in lines):
-        log.info("%s", note)
 
 
 def attach(kernel: object, plans: List[ConnectionPlan], before: KernelState, notes: Dict[str, List[str]],
@@ -103,7 +102,7 @@ def attach(kernel: object, plans: List[ConnectionPlan], before: KernelState, not
                 failed.add(entry)
                 note = f"connection {cp.connection.label} on {cp.connection.iface}: {entry.target} is not routed: {exc}"
                 notes.setdefault(cp.connection.uuid, []).append(note)
-                log.error("%s", note)
+                log.error("%s", note, extra=about(cp.connection))
                 continue
             result.change(f"attach {entry}", entry)  # type: ignore[attr-defined]
             attached.add(entry)
@@ -122,6 +121,8 @@ def settle(kernel: object, plans: Sequence[ConnectionPlan]) -> Tuple[List[Connec
         waiting = {s for s in cp.state.sockmarks if path_of is None or path_of(s.target) is None}
         if waiting:
             notes[cp.connection.uuid] = [_waiting_note(cp.connection, s, path_of is None) for s in sorted(waiting)]
+            for note in notes[cp.connection.uuid]:
+                log.debug("%s", note, extra=about(cp.connection))
             cp = replace(cp, state=replace(cp.state, sockmarks=cp.state.sockmarks - waiting))
         out.append(cp)
     return out, notes

@@ -52,14 +52,15 @@ ExecStart=/bin/sh -c 'for i in $(seq 600); do ip link show eth0 >/dev/null 2>&1 
 NM_CONF = "[main]\nno-auto-default=*\ndns=none\n"
 
 # $1 cgroup, $2 tree, $3 upper, $4 work, $5 merged, $6 machine name. A private mount namespace:
-# the overlay ends with nspawn.
+# the overlay ends with nspawn. --capability=CAP_BPF: nspawn's default bounding set lacks it, a
+# machine's has it (the service loads its socket-mark program with it: nm-policy-routing.apps).
 BOOT = """set -eu
 echo $$ > "$1/cgroup.procs"
 mount -t overlay overlay -o "lowerdir=$2,upperdir=$3,workdir=$4" "$5"
 rm -f "$5/usr/sbin/policy-rc.d"
 export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1
 exec systemd-nspawn --boot --private-network --register=no --keep-unit --machine="$6" \
-    --console=read-only --system-call-filter=bpf -D "$5"
+    --console=read-only --system-call-filter=bpf --capability=CAP_BPF -D "$5"
 """
 
 

@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 from tests.lab.debtest import POLICY, clean
 from tests.lab.demo import show
 from tests.lab.machine import Machine
+from tests.lab.machineapps import apps_steps
 from tests.lab.machinesteps import (MODIFY_SYSTEM, PACKAGE_FILES, POLKIT_RULE, Checks, cli, exactly_once, ours,
                                     replies_by_eth1, service, wait_service, wait_state)
 from tests.lab.netns import Seed, wait_for
@@ -19,6 +20,7 @@ from tests.lab.trixie import PACKAGE
 def later_steps(m: Machine, seed: Seed, checks: Checks, svm0: int) -> None:
     lifecycle(m, seed, checks, svm0)
     restarts(m, seed, checks)
+    apps_steps(m, seed, checks, "7a. Per-application routing: a listed unit and 'run --via' leave by eth1")
     unprivileged(m, checks)
     journal(m, checks)
     reboots(m, seed, checks)
