@@ -17,9 +17,11 @@ made from now on:
   the table once its source is chosen, and its replies pass strict rp_filter (the
   reverse lookup uses our address as source).
 
-The planner part is pure. :func:`settle` and :func:`read` take the kernel adapter:
-a unit that is not running has no cgroup yet, so its mark waits (reported, not an
-error) until a reconcile after it starts.
+The planner part (:func:`entries`) is pure. The reconcile hooks take the kernel adapter:
+:func:`settle` leaves out a unit that is not running (no cgroup yet: its mark waits,
+reported, not an error), :func:`read` finds our programs, :func:`attach` attaches them
+(one the kernel refuses is reported; the connection's other entries stay), and
+:func:`remember` records what the next reconcile and ``unit-start`` need.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Where cgroups are: the cgroup2 mount, a unit's cgroup directory, and ``run --via``'s own cgroup.
+"""Where cgroups are: the cgroup2 mount, a unit's cgroup directory, ``run --via``'s own cgroup,
+and the ExecStartPre drop-in that marks each new cgroup of a listed service.
 
 A unit's cgroup comes from systemd (``systemctl show -P ControlGroup``); it exists only
-while the unit runs. On a hybrid host (cgroup v1 controllers at /sys/fs/cgroup, cgroup2
-at /sys/fs/cgroup/unified) the cgroup2 mount still carries the socket programs.
+while the unit runs, and a restart makes a new one: hence the drop-in. On a hybrid host
+(cgroup v1 controllers at /sys/fs/cgroup, cgroup2 at /sys/fs/cgroup/unified) the cgroup2
+mount still carries the socket programs.
 """
 
 from __future__ import annotations
