@@ -22,6 +22,7 @@ from tests.lab.trixie import PACKAGE, Tree
 from tests.lab.world import PROTO
 
 CHANGELOG = "packaging/debian/changelog"
+RELEASES = "packaging/releases"  # VERSION COMMIT: where each released version was built from
 MODIFY_SYSTEM = "org.freedesktop.NetworkManager.settings.modify.system"
 POLKIT_RULE = """polkit.addRule(function(action, subject) {
     if (action.id == "%s" && subject.isInGroup("netadmin"))
@@ -145,24 +146,26 @@ def _versions(changelog: str) -> List[str]:
     return re.findall(rf"^{PACKAGE} \(([^)]+)\)", changelog, re.M)
 
 
+def _release_commit(version: str) -> str:
+    """The commit ``version`` was released from (packaging/releases): a commit of the history
+    whose changelog says ``version`` may hold half of a later version's work (a merged branch)."""
+    with open(os.path.join(ROOT, RELEASES)) as handle:
+        for line in handle:
+            words = line.split()
+            if len(words) == 2 and not line.startswith("#") and words[0] == version:
+                return words[1]
+    raise MachineError(f"{RELEASES} names no commit for version {version}: add '{version} COMMIT'")
+
+
 def builds(tree_path: str, log_dir: str, previous: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
-    """{"previous"|"current": (version, host path of the .deb)}: HEAD, and the newest commit whose
-    changelog's top version is the version before HEAD's (so it keeps working for later versions),
-    or the commit ``previous``."""
+    """{"previous"|"current": (version, host path of the .deb)}: HEAD, and the release before
+    HEAD's version (its commit from packaging/releases), or the commit ``previous``."""
     versions = _versions(_git("show", f"HEAD:{CHANGELOG}"))
     if previous:
         versions[1:2] = [_versions(_git("show", f"{previous}:{CHANGELOG}"))[0]]
     if len(versions) < 2:
         raise MachineError(f"{CHANGELOG} has no previous version to upgrade from")
-    for commit in [] if previous else _git("rev-list", "HEAD").split():
-        shown = subprocess.run(["git", "-c", f"safe.directory={ROOT}", "-C", ROOT, "show", f"{commit}:{CHANGELOG}"],
-                               capture_output=True, text=True)  # fails where the file did not exist yet
-        top = _versions(shown.stdout)
-        if top and top[0] == versions[1]:
-            previous = commit
-            break
-    if previous is None:
-        raise MachineError(f"no commit has version {versions[1]} at the top of {CHANGELOG}")
+    previous = previous or _release_commit(versions[1])
     tree = Tree(tree_path, log_dir)
     out: Dict[str, Tuple[str, str]] = {}
     for name, commit, version in (("previous", previous, versions[1]), ("current", "HEAD", versions[0])):
