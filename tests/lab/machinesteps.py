@@ -14,12 +14,11 @@ import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from tests.lab.debtest import POLICY, applied, clean
+from tests.lab.debtest import POLICY, applied, clean, tagged_state
 from tests.lab.demo import say, show, verdict
 from tests.lab.machine import Machine, MachineError
 from tests.lab.netns import ROOT, Seed, run, wait_for
 from tests.lab.trixie import PACKAGE, Tree
-from tests.lab.world import PROTO
 
 CHANGELOG = "packaging/debian/changelog"
 RELEASES = "packaging/releases"  # VERSION COMMIT: where each released version was built from
@@ -184,12 +183,7 @@ def builds(tree_path: str, log_dir: str, previous: Optional[str] = None) -> Dict
 
 def ours(m: Machine) -> Dict[str, Any]:
     """Our rules and routes (protocol 214), our nft table, eth1's src_valid_mark, in the machine."""
-    ns = m.netns
-    rules = [r for f in ("-4", "-6") for r in ns.ipj(f, "rule") if str(r.get("protocol")) in PROTO]
-    routes = [r for f in ("-4", "-6") for r in ns.ipj(f, "route", "show", "table", "all")
-              if str(r.get("protocol")) in PROTO]
-    nft = m.exec("nft", "list", "table", "inet", "nm_policy_routing", check=False).returncode == 0
-    return {"rules": rules, "routes": routes, "nft": nft, "svm": ns.conf("ipv4", "eth1", "src_valid_mark")}
+    return tagged_state(m.netns, m.exec)
 
 
 def exactly_once(state: Dict[str, Any], forward: bool = True) -> bool:
