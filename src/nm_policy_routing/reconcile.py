@@ -301,11 +301,11 @@ class Engine:
         reader = getattr(kernel, "unusable_addresses", None)  # a kernel model without it has none
         unusable = reader() if reader else set()
         for conn in conns.values():
-            waiting = [a.ip for a in conn.addresses if a.ip in unusable]
+            waiting = [a.ip for a in conn.addresses if a.ip in unusable and not a.link_local]  # unplanned
             if waiting:
                 result.waiting[conn.uuid] = waiting
-                log.info("connection %s on %s: address %s is not usable yet (duplicate address detection); "
-                         "the policy for it follows when it is", conn.label, conn.iface, ", ".join(waiting))
+                log.debug("%s: address %s is not usable yet (duplicate address detection); the policy for "
+                          "it follows when it is", named(conn), ", ".join(waiting), extra=about(conn))
         return result.waiting
 
     def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:

@@ -28,10 +28,10 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from tests.lab.demo import say, show, verdict
-from tests.lab.netns import ROOT, Lab, Seed, run, wait_for
+from tests.lab.netns import ROOT, Lab, Netns, Seed, run, wait_for
 from tests.lab.nm import NMLab
 from tests.lab.debtest_vpn import vpn_step
 from tests.lab.trixie import BUILD_DIR, PACKAGE, TREE, Tree
@@ -117,16 +117,19 @@ def install(tree: Tree, deb: str) -> None:
 # ---- what the kernel holds in the lab's host namespace ----------------------------
 
 
-def ours(nm: NMLab) -> Dict[str, Any]:
-    """Every rule and route tagged with our protocol, our nft table, eth1's src_valid_mark.
-
-    The tree's nft looks for the table: this machine's older nft may fail to list it."""
-    host = nm.host
+def tagged_state(host: Netns, run_there: Callable[..., subprocess.CompletedProcess]) -> Dict[str, Any]:
+    """Every rule and route tagged with our protocol, our nft table, eth1's src_valid_mark, in
+    ``host``; ``run_there`` runs nft where the package is (its nft: this machine's older one may
+    fail to list the table)."""
     rules = [r for family in ("-4", "-6") for r in host.ipj(family, "rule") if str(r.get("protocol")) in PROTO]
     routes = [r for family in ("-4", "-6") for r in host.ipj(family, "route", "show", "table", "all")
               if str(r.get("protocol")) in PROTO]
-    nft = nm.run_in_host("nft", "list", "table", "inet", "nm_policy_routing", check=False).returncode == 0
+    nft = run_there("nft", "list", "table", "inet", "nm_policy_routing", check=False).returncode == 0
     return {"rules": rules, "routes": routes, "nft": nft, "svm": host.conf("ipv4", "eth1", "src_valid_mark")}
+
+
+def ours(nm: NMLab) -> Dict[str, Any]:
+    return tagged_state(nm.host, nm.run_in_host)
 
 
 def applied(state: Dict[str, Any]) -> bool:

@@ -91,14 +91,14 @@ def _journal(m: Machine, *match: str) -> List[Dict[str, Any]]:
 
 
 def twice(entries: List[Dict[str, Any]]) -> List[str]:
-    """Messages logged twice within a second (what stderr + syslog to the journal did)."""
-    seen: Dict[str, int] = {}
+    """Messages logged twice in a row within a second (what stderr + syslog to the journal did);
+    the same story told again by a later event (removed, applied, removed) is not a duplicate."""
     out = []
-    for entry in entries:
-        when, text = int(entry["__REALTIME_TIMESTAMP"]), str(entry.get("MESSAGE"))
-        if text in seen and when - seen[text] < 1_000_000:
+    for before, entry in zip(entries, entries[1:]):
+        text = str(entry.get("MESSAGE"))
+        if text == str(before.get("MESSAGE")) and \
+                int(entry["__REALTIME_TIMESTAMP"]) - int(before["__REALTIME_TIMESTAMP"]) < 1_000_000:
             out.append(text)
-        seen[text] = when
     return out
 
 

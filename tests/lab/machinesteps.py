@@ -14,14 +14,14 @@ import subprocess
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from tests.lab.debtest import POLICY, applied, clean
+from tests.lab.debtest import POLICY, applied, clean, tagged_state
 from tests.lab.demo import say, show, verdict
 from tests.lab.machine import Machine, MachineError
 from tests.lab.netns import ROOT, Seed, run, wait_for
 from tests.lab.trixie import PACKAGE, Tree
-from tests.lab.world import PROTO
 
 CHANGELOG = "packaging/debian/changelog"
+RELEASES = "packaging/releases"  # VERSION COMMIT: where each released version was built from
 MODIFY_SYSTEM = "org.freedesktop.NetworkManager.settings.modify.system"
 POLKIT_RULE = """polkit.addRule(function(action, subject) {
     if (action.id == "%s" && subject.isInGroup("netadmin"))
@@ -145,24 +145,26 @@ def _versions(changelog: str) -> List[str]:
     return re.findall(rf"^{PACKAGE} \(([^)]+)\)", changelog, re.M)
 
 
+def _release_commit(version: str) -> str:
+    """The commit ``version`` was released from (packaging/releases): a commit of the history
+    whose changelog says ``version`` may hold half of a later version's work (a merged branch)."""
+    with open(os.path.join(ROOT, RELEASES)) as handle:
+        for line in handle:
+            words = line.split()
+            if len(words) == 2 and not line.startswith("#") and words[0] == version:
+                return words[1]
+    raise MachineError(f"{RELEASES} names no commit for version {version}: add '{version} COMMIT'")
+
+
 def builds(tree_path: str, log_dir: str, previous: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
-    """{"previous"|"current": (version, host path of the .deb)}: HEAD, and the newest commit whose
-    changelog's top version is the version before HEAD's (so it keeps working for later versions),
-    or the commit ``previous``."""
+    """{"previous"|"current": (version, host path of the .deb)}: HEAD, and the release before
+    HEAD's version (its commit from packaging/releases), or the commit ``previous``."""
     versions = _versions(_git("show", f"HEAD:{CHANGELOG}"))
     if previous:
         versions[1:2] = [_versions(_git("show", f"{previous}:{CHANGELOG}"))[0]]
     if len(versions) < 2:
         raise MachineError(f"{CHANGELOG} has no previous version to upgrade from")
-    for commit in [] if previous else _git("rev-list", "HEAD").split():
-        shown = subprocess.run(["git", "-c", f"safe.directory={ROOT}", "-C", ROOT, "show", f"{commit}:{CHANGELOG}"],
-                               capture_output=True, text=True)  # fails where the file did not exist yet
-        top = _versions(shown.stdout)
-        if top and top[0] == versions[1]:
-            previous = commit
-            break
-    if previous is None:
-        raise MachineError(f"no commit has version {versions[1]} at the top of {CHANGELOG}")
+    previous = previous or _release_commit(versions[1])
     tree = Tree(tree_path, log_dir)
     out: Dict[str, Tuple[str, str]] = {}
     for name, commit, version in (("previous", previous, versions[1]), ("current", "HEAD", versions[0])):
@@ -181,21 +183,18 @@ def builds(tree_path: str, log_dir: str, previous: Optional[str] = None) -> Dict
 
 def ours(m: Machine) -> Dict[str, Any]:
     """Our rules and routes (protocol 214), our nft table, eth1's src_valid_mark, in the machine."""
-    ns = m.netns
-    rules = [r for f in ("-4", "-6") for r in ns.ipj(f, "rule") if str(r.get("protocol")) in PROTO]
-    routes = [r for f in ("-4", "-6") for r in ns.ipj(f, "route", "show", "table", "all")
-              if str(r.get("protocol")) in PROTO]
-    nft = m.exec("nft", "list", "table", "inet", "nm_policy_routing", check=False).returncode == 0
-    return {"rules": rules, "routes": routes, "nft": nft, "svm": ns.conf("ipv4", "eth1", "src_valid_mark")}
+    return tagged_state(m.netns, m.exec)
 
 
-def exactly_once(state: Dict[str, Any]) -> bool:
+def exactly_once(state: Dict[str, Any], forward: bool = True) -> bool:
     """The seed policy applied with no duplicate: per family one rule 1000, one forward rule 999 (``iif
-    eth1 ... lookup main``, for ports published by DNAT) and one default route in table 100."""
+    eth1 ... lookup main``, for ports published by DNAT; ``forward=False``: 0.1.0, which had none) and
+    one default route in table 100."""
     priorities = sorted(r.get("priority") for r in state["rules"] if "iif" not in r)
-    forward = sorted(r.get("priority") for r in state["rules"] if r.get("iif") == "eth1")
+    forwards = sorted(r.get("priority") for r in state["rules"] if r.get("iif") == "eth1")
     defaults = [r for r in state["routes"] if r.get("dst") == "default" and str(r.get("table")) == "100"]
-    return applied(state) and priorities == [1000, 1000] and forward == [999, 999] and len(defaults) == 2
+    return applied(state) and priorities == [1000, 1000] and forwards == ([999, 999] if forward else []) \
+        and len(defaults) == 2
 
 
 def wait_state(m: Machine, predicate, timeout: float = 30) -> bool:
@@ -250,7 +249,7 @@ def steps(m: Machine, seed: Seed, debs: Dict[str, Tuple[str, str]], checks: Chec
     out = cli(m, "set", "service", *POLICY)
     show(f"$ {PACKAGE} set service {' '.join(POLICY)}", out.stdout + out.stderr)
     checks.check("set exits 0; the running service applied it", out.returncode == 0
-                 and wait_state(m, exactly_once))
+                 and wait_state(m, lambda state: exactly_once(state, forward=old[0] != "0.1.0")))
 
     checks.step(f"5. Upgrade {old[0]} -> {new[0]} with the connection up; a watcher samples the rule")
     upgrade(m, checks, new)
