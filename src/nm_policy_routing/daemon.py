@@ -6,7 +6,10 @@ restarting) schedules one coalesced resync: snapshot all active connections and
 reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
 schedule the same. Signals are accepted only from the current owner of
 NetworkManager's bus name. While it runs, the daemon holds ``daemon.lock`` in the
-state directory: the dispatcher hook sees it and leaves the work to the daemon.
+state directory and serves ``handoff.sock`` there: the dispatcher hook hands each event
+over and waits for the verified result (handoff.py, targeted.py), so on ``pre-up`` the
+policy is in the kernel before NetworkManager reports the connection activated. All
+engine work runs on one worker thread, in order.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, Tuple
 
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import PolicyRoutingError
+from .handoff import HandoffServer, Request
 from .reconcile import Engine
+from .targeted import Targeted
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,10 @@ class Daemon:
         self.wake: Optional[asyncio.Event] = None
         self.stopping = False
         self._lock_fd: Optional[int] = None
+        #: every engine call runs here, one at a time
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.handoff: Optional[HandoffServer] = None
+        self.targeted: Optional[Targeted] = None
 
     # ---- signal intake -------------------------------------------------
 
@@ -125,7 +135,7 @@ class Daemon:
             log.error("cannot read NetworkManager's active connections: %s", exc)
             return
         try:
-            result = await self.loop.run_in_executor(None, self.engine.reconcile, conns)
+            result = await self.loop.run_in_executor(self.executor, self.engine.reconcile, conns)
         except PolicyRoutingError as exc:
             log.error("reconcile failed: %s", exc)
             return
@@ -137,6 +147,17 @@ class Daemon:
         for uuid, errors in result.errors.items():
             for error in errors:
                 log.error("%s", error)
+
+    async def _on_handoff(self, request: Request) -> Tuple[str, str]:
+        """An event the dispatcher hook handed over: act on that connection alone, then answer."""
+        assert self.targeted is not None
+        try:
+            verdict, text = await self.targeted.handle(request)
+        except Exception:  # the per-event fence: log, let the hook act itself
+            log.exception("unexpected error on %s; the hook acts itself", request)
+            return "fallback", "unexpected error in the daemon (see its log)"
+        log.info("%s", text)
+        return verdict, text
 
     # ---- netlink watch -------------------------------------------------
 
@@ -230,6 +251,9 @@ class Daemon:
             await self.resync()
         else:
             log.warning("NetworkManager is not running; waiting for it")
+        self.targeted = Targeted(self.nm, self.engine, self.executor)
+        self.handoff = HandoffServer(self.engine.directory, self._on_handoff)
+        await self.handoff.start()
         worker = asyncio.ensure_future(self._resync_forever())
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -239,6 +263,7 @@ class Daemon:
         await stop.wait()
         log.info("stopping; the installed policies stay in place")
         sd_notify("STOPPING=1")
+        self.handoff.close()
         self.stopping = True
         self.wake.set()
         safety.cancel()

@@ -44,6 +44,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _config(active: Dict[str, Any], device: Dict[str, Any], key: str) -> str:
+    """The active connection's Ip4Config/Ip6Config path, else its device's."""
+    path = active.get(key) or "/"
+    return path if path != "/" else device.get(key) or "/"
+
+
 class NetworkManagerBus:
     """An async client of NetworkManager on the system bus."""
 
@@ -133,14 +139,17 @@ class NetworkManagerBus:
             active = await self.props(active_path, ACTIVE)
         except NetworkManagerError:
             return None
-        iface = ""
+        iface, dev = "", {}
         for device in active.get("Devices", []):
             dev = await self.props(device, DEVICE)
             iface = dev.get("IpInterface") or dev.get("Interface") or ""
             if iface:
                 break
-        addr4, gw4 = await self._ip(active.get("Ip4Config", "/"))
-        addr6, gw6 = await self._ip(active.get("Ip6Config", "/"))
+        # on pre-up the active connection shows no IP configuration yet ("/"), its device does
+        # (and the kernel holds it); a VPN's device is its parent's: never borrow from it
+        borrow = dev if not active.get("Vpn") else {}
+        addr4, gw4 = await self._ip(_config(active, borrow, "Ip4Config"))
+        addr6, gw6 = await self._ip(_config(active, borrow, "Ip6Config"))
         user = await self.user_data(active["Connection"]) if active.get("Connection") else {}
         conn = Connection(
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
