@@ -124,15 +124,21 @@ class HandoffServer:
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader, sock: Optional[socket.socket]) -> Tuple[str, str]:
+        problem = "no request"
+        try:  # read first (bounded) even from a peer to be refused: it then gets its answer
+            line = await asyncio.wait_for(reader.readline(), READ_SECONDS)
+        except (asyncio.TimeoutError, ValueError) as exc:
+            line, problem = b"", str(exc) or "no request within the time allowed"
         uid = peer_uid(sock) if sock is not None else None
         if uid not in self._allowed:
             log.warning("refused a dispatcher event from uid %s on %s: only root may hand events over",
                         uid, self.path)
             return "error", "not permitted: only root may hand events to nm-policy-routing"
         try:
-            line = await asyncio.wait_for(reader.readline(), READ_SECONDS)
-            request = parse_request(line)
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError) as exc:
-            log.warning("refused a malformed dispatcher event on %s: %s", self.path, exc or "timed out")
-            return "error", f"malformed request: {exc or 'timed out'}"
+            request = parse_request(line) if line else None
+        except ValueError as exc:
+            request, problem = None, str(exc)
+        if request is None:
+            log.warning("refused a malformed dispatcher event on %s: %s", self.path, problem)
+            return "error", f"malformed request: {problem}"
         return await self.handler(request)
