@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Tuple
 
+from .adapters.resident import Resident
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import PolicyRoutingError
 from .handoff import HandoffServer, Request
@@ -83,6 +84,8 @@ class Daemon:
         #: every engine call runs here, one at a time
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.handoff: Optional[HandoffServer] = None
+        self.resident = Resident()
+        engine.keep_kernel(self.resident)
         self.targeted: Optional[Targeted] = None
 
     # ---- signal intake -------------------------------------------------
@@ -204,6 +207,8 @@ class Daemon:
                     time.sleep(1)
                     continue
                 touched = [name for name, table in events if table == NFT_TABLE]
+                if any(table != NFT_TABLE or name == "overrun" for name, table in events):
+                    self.resident.forget_foreign()
                 if touched:
                     self.schedule(f"nftables {', '.join(sorted(set(touched)))} on our table")
         finally:
@@ -213,6 +218,7 @@ class Daemon:
         """A slow periodic resync, for what sends no notification (a sysctl changed by hand)."""
         while not self.stopping:
             await asyncio.sleep(SAFETY_RESYNC_SECONDS)
+            self.resident.forget_foreign()
             self.schedule("periodic check")
 
     # ---- life cycle ----------------------------------------------------
@@ -268,6 +274,7 @@ class Daemon:
         self.wake.set()
         safety.cancel()
         await worker
+        await self.loop.run_in_executor(self.executor, self.resident.shutdown)
         self.nm.disconnect()
 
 

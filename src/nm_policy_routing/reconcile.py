@@ -95,6 +95,10 @@ class Engine:
         self._defaults = defaults
         self._kernel_factory = kernel_factory
 
+    def keep_kernel(self, factory: Callable[[], Kernel]) -> None:
+        """Use ``factory`` for every call's kernel (the daemon keeps one open across events)."""
+        self._kernel_factory = factory
+
     def defaults(self) -> "Defaults":
         """The global defaults file, read at each reconcile (edits apply at the next one)."""
         if self._defaults is not None:
@@ -228,7 +232,7 @@ class Engine:
             target = before  # keep what was there (the other policies keep working); add nothing
         self._remove_stale(kernel, record, current, target, result)
         try:
-            if not self.dry_run:
+            if not self.dry_run and result.changes:  # without a change, the read above verified it
                 self._verify(kernel, record, target)
         except VerifyError:
             self._rollback(kernel, record, before)

@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from .. import commands
 from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from . import nfnetlink, sysctl
-from .netlink import Netlink
+from .rtnl import Rtnl
 from .nftables import Nftables
 
 
@@ -15,7 +15,7 @@ class LiveKernel:
     """Reads and writes what is ours in the current network namespace."""
 
     def __init__(self) -> None:
-        self.netlink = Netlink()
+        self.netlink = Rtnl()
         self.nft = Nftables()
         self.nft_exists = False
         self.nft_intact = True
