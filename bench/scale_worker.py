@@ -1,4 +1,5 @@
-"""Runs inside the bench namespace: time the engine for N connections (in-process, like the daemon).
+"""Runs inside the bench namespace: time the engine for N connections (in-process, like the daemon:
+its resident kernel, its imports).
 
 usage: scale_worker.py N STATE_DIR  -> JSON on stdout
 """
@@ -11,6 +12,8 @@ import sys
 import tempfile
 import time
 
+import nm_policy_routing.daemon  # noqa: F401  (the daemon's imports, for a representative RSS)
+from nm_policy_routing.adapters.resident import Resident
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
 
@@ -36,6 +39,7 @@ def main() -> None:
     extra = conn(n)
     out = {}
     engine = Engine(state)
+    engine.keep_kernel(Resident())  # as the daemon runs it: one kernel kept open across events
     # the floor: the same objects by one `ip -batch` and one `nft -f`
     dry = Engine(tempfile.mkdtemp(), dry_run=True).reconcile(conns).commands
     batches = {}

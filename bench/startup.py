@@ -12,8 +12,7 @@ from tests.lab.netns import Lab
 from tests.lab.world import World
 
 HOOK_PATH = ("import nm_policy_routing.cli, nm_policy_routing.dispatch, nm_policy_routing.reconcile, "
-             "dbus_next.aio, nm_policy_routing.adapters.networkmanager, nm_policy_routing.adapters.kernel; "
-             "from nm_policy_routing.adapters.netlink import import_iproute; import_iproute()")
+             "dbus_next.aio, nm_policy_routing.adapters.networkmanager, nm_policy_routing.adapters.kernel")
 
 
 def importtime() -> Tuple[float, List[Tuple[str, float]]]:

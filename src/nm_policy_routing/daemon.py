@@ -165,39 +165,29 @@ class Daemon:
     # ---- netlink watch -------------------------------------------------
 
     def _watch_netlink(self) -> None:
-        """Links coming up, our routes or rules deleted: resync (runs in a thread)."""
-        from .adapters.netlink import import_iproute
+        """Links coming up, our routes or rules deleted, notifications lost: resync (runs in a thread)."""
+        from .adapters.rtnl import RtnlWatch
 
-        IPRoute = import_iproute()
-        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE,
-                                           RTMGRP_LINK)
-        from .model import RT_PROTO
-
-        groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
-        groups |= 0x40000  # RTMGRP_IPV6_RULE: 1 << (RTNLGRP_IPV6_RULE - 1)
-        with IPRoute() as ipr:
-            ipr.bind(groups=groups)
+        watch = RtnlWatch(ignore_portid=self.resident.portid)
+        try:
             while not self.stopping:
                 try:
-                    messages = ipr.get()
-                except Exception:  # the thread's fence: log, keep watching
+                    events = watch.events()
+                except OSError:  # the thread's fence: log, keep watching
                     log.exception("netlink watch failed")
                     time.sleep(1)
                     continue
-                for msg in messages:
-                    event = msg.get("event")
-                    if event == "RTM_NEWLINK" and msg.get("flags", 0) & 1:  # IFF_UP
-                        self.schedule(f"link {msg.get('ifname')} up")
-                    elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
-                            (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
-                        self.schedule(f"{event} of ours")
+                for event in dict.fromkeys(events):
+                    self.schedule(event)
+        finally:
+            watch.close()
 
     def _watch_nftables(self) -> None:
         """Our nft table deleted or changed by someone (``nft flush ruleset``): resync (a thread)."""
         from .adapters.nfnetlink import NftWatch
         from .model import NFT_TABLE
 
-        watch = NftWatch()
+        watch = NftWatch(ignore_pid=self.resident.thread_id)
         try:
             while not self.stopping:
                 try:
@@ -207,6 +197,8 @@ class Daemon:
                     time.sleep(1)
                     continue
                 touched = [name for name, table in events if table == NFT_TABLE]
+                if touched:
+                    self.resident.forget_ours()
                 if any(table != NFT_TABLE or name == "overrun" for name, table in events):
                     self.resident.forget_foreign()
                 if touched:
@@ -219,6 +211,7 @@ class Daemon:
         while not self.stopping:
             await asyncio.sleep(SAFETY_RESYNC_SECONDS)
             self.resident.forget_foreign()
+            self.resident.forget_ours()
             self.schedule("periodic check")
 
     # ---- life cycle ----------------------------------------------------

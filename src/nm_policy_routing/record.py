@@ -34,7 +34,7 @@ def state_dir(override: Optional[str] = None) -> str:
 
 
 def connection_to_json(conn: Connection) -> Dict[str, Any]:
-    data = asdict(conn)
+    data = dict(conn.__dict__)  # its fields (asdict deep-copies: ~10x slower, and this runs per connection)
     data["addresses"] = [f"{a.ip}/{a.prefixlen}" for a in conn.addresses]
     data["user_data"] = dict(conn.user_data)
     return data
@@ -121,8 +121,8 @@ class Record:
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
         try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.data, handle, separators=(",", ":"), sort_keys=True)
+            with os.fdopen(fd, "w") as handle:  # dumps: the C encoder (dump to a file is pure Python)
+                handle.write(json.dumps(self.data, separators=(",", ":"), sort_keys=True))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)

@@ -7,7 +7,7 @@ asyncio loop. When the ACTIVATED signal for UUID arrives, every netlink notifica
 already queued is read first: a notification the kernel sent before NetworkManager sent
 its signal is then seen, one sent after is not. Per activation it records whether our
 rule (protocol 214, TABLE) and our route in TABLE were present, and how long before the
-signal the route arrived. Stops at the first deactivation after COUNT activations; prints JSON on stdout.
+signal the route arrived (or, when it came after, how late: ``late_ms``). Stops at the first deactivation after COUNT activations; prints JSON on stdout.
 Touches READY_FILE once subscribed; appends a line to PROGRESS_FILE per DEACTIVATED signal
 (then it forgets what it saw: a route may vanish with its address without a notification).
 """
@@ -79,6 +79,10 @@ async def main() -> None:
                 state[kind] = present
                 if kind == "route" and present:
                     state["route_at"] = now
+            waiting = state.get("waiting")
+            if waiting and state["rule"] and state["route"]:  # it came after ACTIVATED: how late?
+                waiting[0]["late_ms"] = round((now - waiting[1]) * 1000, 2)
+                state["waiting"] = None
 
     loop = asyncio.get_running_loop()
     loop.add_reader(nl.fileno(), drain)
@@ -98,7 +102,7 @@ async def main() -> None:
             return
         drain()  # what the kernel announced before this signal was sent is queued already
         if msg.body[0] == DEACTIVATED:  # a route may vanish with its address, unannounced
-            state.update(rule=False, route=False, route_at=None)
+            state.update(rule=False, route=False, route_at=None, waiting=None)
             with open(progress, "a") as handle:
                 handle.write("deactivated\n")
             if len(results) >= count:
@@ -109,7 +113,9 @@ async def main() -> None:
         now = time.monotonic()
         snapshot = {"path": msg.path, "rule": state["rule"], "route": state["route"],
                     "route_lead_ms": None if state["route_at"] is None
-                    else round((now - state["route_at"]) * 1000, 2)}
+                    else round((now - state["route_at"]) * 1000, 2), "late_ms": None}
+        if not (snapshot["rule"] and snapshot["route"]):
+            state["waiting"] = (snapshot, now)
         asyncio.ensure_future(record(msg.path, snapshot))
 
     bus.add_message_handler(on_message)

@@ -18,7 +18,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, Route, Rule
@@ -28,6 +28,7 @@ NETLINK_ROUTE, SOL_NETLINK, NETLINK_GET_STRICT_CHK = 0, 270, 12
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK = 16
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
@@ -63,14 +64,15 @@ def _attrs(data: bytes, offset: int) -> Dict[int, bytes]:
     return out
 
 
-def _messages(data: bytes) -> Iterator[Tuple[int, int, int, bytes]]:
-    """(type, flags, seq, body) of each message in a datagram."""
+def _messages(data: bytes, with_portid: bool = False) -> Iterator[tuple]:
+    """(type, flags, seq, body[, sender's portid]) of each message in a datagram."""
     offset = 0
     while offset + 16 <= len(data):
-        length, msg_type, flags, seq, _pid = _HDR.unpack_from(data, offset)
+        length, msg_type, flags, seq, portid = _HDR.unpack_from(data, offset)
         if length < 16:
             break
-        yield msg_type, flags, seq, data[offset + 16:offset + length]
+        body = data[offset + 16:offset + length]
+        yield (msg_type, flags, seq, body, portid) if with_portid else (msg_type, flags, seq, body)
         offset += (length + 3) & ~3
 
 
@@ -170,6 +172,11 @@ class Rtnl:
 
     def close(self) -> None:
         self.sock.close()
+
+    @property
+    def portid(self) -> int:
+        """The kernel's name for this socket (notifications of our changes carry it)."""
+        return self.sock.getsockname()[0]
 
     def invalidate(self) -> None:
         """Forget what was read: the next reads ask the kernel again."""
@@ -291,6 +298,47 @@ class Rtnl:
             return
         self.request(f"delete {route}", RTM_DELROUTE, 0, route_message(route, index),
                      ok=(errno.ESRCH, errno.ENOENT))
+
+
+class RtnlWatch:
+    """Link, route and rule notifications, as the daemon follows them (no pyroute2: ~20 MB less)."""
+
+    #: RTMGRP_LINK, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE, RTMGRP_IPV6_ROUTE, RTMGRP_IPV6_RULE
+    GROUPS = 0x1 | 0x40 | 0x80 | 0x400 | 0x40000
+
+    def __init__(self, ignore_portid: Optional[Callable[[], Optional[int]]] = None) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind((0, self.GROUPS))
+        #: the socket whose own changes are not reported (the daemon's engine verifies them)
+        self.ignore_portid = ignore_portid or (lambda: None)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def events(self) -> List[str]:
+        """What the next batch of notifications says that matters: links up, ours deleted."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # we missed some: say "something changed"
+                return ["netlink notifications overflowed"]
+            raise
+        out = []
+        ours = self.ignore_portid()
+        for kind, _flags, _seq, body, portid in _messages(data, with_portid=True):
+            if ours is not None and portid == ours:
+                continue
+            if kind == RTM_NEWLINK and len(body) >= 16:
+                _family, _type, index, flags = struct.unpack_from("=BxHiI", body)
+                if flags & 1:  # IFF_UP
+                    out.append(f"link {_ifname(index)} up")
+            elif kind == RTM_DELROUTE and len(body) >= 12 and body[5] == RT_PROTO:
+                out.append("RTM_DELROUTE of ours")
+            elif kind == RTM_DELRULE and len(body) >= 12 and \
+                    _attrs(body, _RTMSG.size).get(FRA_PROTOCOL, b"\0")[:1] == bytes([RT_PROTO]):
+                out.append("RTM_DELRULE of ours")
+        return out
 
 
 class _ForeignTables:
