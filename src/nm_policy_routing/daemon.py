@@ -1,9 +1,10 @@
 """The D-Bus listener: follow NetworkManager and keep every active connection's policy right.
 
-Subscribe first, then snapshot and reconcile. Any relevant signal (activation,
-deactivation, IP configuration, a profile edited or removed, NetworkManager
-restarting) schedules one coalesced resync: snapshot all active connections and
-reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
+Subscribe first, then snapshot and reconcile. A signal about one connection (its
+state, its device's or IP configuration's properties) is acted on for that connection
+alone (targeted.py); any other relevant signal (a profile edited or removed,
+NetworkManager restarting) schedules one coalesced resync: snapshot all active
+connections and reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
 schedule the same. Signals are accepted only from the current owner of
 NetworkManager's bus name. While it runs, the daemon holds ``daemon.lock`` in the
 state directory and serves ``handoff.sock`` there: the dispatcher hook hands each event
@@ -108,7 +109,9 @@ class Daemon:
                             msg.interface, msg.member, msg.sender)
             return
         if relevant(msg):
-            self.schedule(f"{msg.interface}.{msg.member} on {msg.path}")
+            taken = self.targeted.takes(msg) if self.targeted is not None else False
+            if taken is False:
+                self.schedule(f"{msg.interface}.{msg.member} on {msg.path}")
 
     def schedule(self, why: str) -> None:
         """Ask for a resync (thread-safe); bursts collapse into one."""
@@ -150,6 +153,8 @@ class Daemon:
         for uuid, errors in result.errors.items():
             for error in errors:
                 log.error("%s", error)
+        if self.targeted is not None:
+            await self.targeted.learn_all()
 
     async def _on_handoff(self, request: Request) -> Tuple[str, str]:
         """An event the dispatcher hook handed over: act on that connection alone, then answer."""
@@ -251,6 +256,7 @@ class Daemon:
         else:
             log.warning("NetworkManager is not running; waiting for it")
         self.targeted = Targeted(self.nm, self.engine, self.executor)
+        await self.targeted.learn_all()
         self.handoff = HandoffServer(self.engine.directory, self._on_handoff)
         await self.handoff.start()
         worker = asyncio.ensure_future(self._resync_forever())

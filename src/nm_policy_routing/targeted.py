@@ -1,12 +1,14 @@
 """The daemon's per-connection path: one event names one connection -> read that connection's
 facts from NetworkManager -> ensure or remove its policy alone.
 
-Used for events the dispatcher hook hands over (handoff.py). Nothing of the event is
-believed but the action and which connection it names: the connection is found by
-UUID among NetworkManager's active connections (through the device of the named
-interface first: O(1); a full scan only when that fails, e.g. a VPN, whose device is
-its parent's). A ``down`` for a connection NetworkManager reports active again (a
-stale, queued event) removes nothing.
+Used for events the dispatcher hook hands over (handoff.py) and for NetworkManager's
+signals that name one connection (its state, its device's or its IP configuration's
+properties). Nothing of an event is believed but which connection it names: the
+connection is found by UUID among NetworkManager's active connections (through the
+device of the named interface first: O(1); a full scan only when that fails, e.g. a
+VPN, whose device is its parent's). A ``down`` for a connection NetworkManager reports
+active again (a stale, queued event) removes nothing. A connection is ensured once
+ACTIVATED (or on the hook's ``pre-up``), never while its addresses may be incomplete.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import logging
 from concurrent.futures import Executor
 from typing import Dict, Optional, Tuple
 
-from .adapters.networkmanager import ACTIVATED, ACTIVATING, ACTIVE, DEVICE, NM, NM_PATH, PROPS, NetworkManagerBus
+from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED, DEACTIVATING, DEVICE, NM, NM_PATH,
+                                      PROPS, NetworkManagerBus)
 from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
 from .model import Connection
@@ -33,6 +36,13 @@ class Targeted:
         self.executor = executor
         #: UUID -> the active connection's object path last seen (a hint, always re-checked)
         self._paths: Dict[str, str] = {}
+        #: active connection path -> (UUID, interface), for signals about a connection that is gone
+        self._seen: Dict[str, Tuple[str, str]] = {}
+        #: IP4Config/IP6Config path -> the active connection path it belongs to
+        self._configs: Dict[str, str] = {}
+        #: active connection paths with a signal not yet acted on (bursts collapse)
+        self._pending: Dict[str, None] = {}
+        self._busy = False
 
     async def _device_active(self, iface: str) -> Optional[str]:
         try:
@@ -43,10 +53,11 @@ class Targeted:
         path = getattr(value, "value", value)
         return path if path and path != "/" else None
 
-    async def _facts(self, path: str, uuid: str) -> Optional[Tuple[Connection, int]]:
+    async def _facts(self, path: str, uuid: Optional[str]) -> Optional[Tuple[Connection, int]]:
         found = await self.nm.facts(path)
-        if found and found[0].uuid == uuid:
-            self._paths[uuid] = path
+        if found and (uuid is None or found[0].uuid == uuid):
+            self._paths[found[0].uuid] = path
+            self._seen[path] = (found[0].uuid, found[0].iface)
             return found
         return None
 
@@ -116,3 +127,95 @@ class Targeted:
             log.info("%s: %s", request.uuid, change)
         self._paths.pop(request.uuid, None)
         return "ok", f"{request.action}: removed the policy of {request.uuid}"
+
+    # ---- NetworkManager's signals ------------------------------------------
+
+    def takes(self, msg) -> Optional[bool]:
+        """True: a signal about one connection, acted on here; None: nothing to do (another signal
+        of the same change does it); False: not one connection's (the caller re-syncs all)."""
+        if msg.interface == ACTIVE and msg.member == "StateChanged":
+            return self._queue(msg.path)
+        if msg.interface != PROPS or msg.member != "PropertiesChanged" or not msg.body:
+            return False
+        target, changed = msg.body[0], set(msg.body[1]) if len(msg.body) > 1 else set()
+        if target == ACTIVE:
+            return self._queue(msg.path)
+        if target in (NM + ".IP4Config", NM + ".IP6Config"):
+            # an unknown one is new: its connection is still activating, and acted on once ACTIVATED
+            owner = self._configs.get(msg.path)
+            return self._queue(owner) if owner else None
+        if target == DEVICE:
+            return self._queue("device:" + msg.path)
+        if target == NM and changed <= {"ActiveConnections", "PrimaryConnection", "State", "Connectivity"}:
+            return None  # each connection's own StateChanged tells what changed
+        return False
+
+    def _queue(self, path: str) -> bool:
+        self._pending[path] = None
+        if not self._busy:
+            self._busy = True
+            asyncio.ensure_future(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                path = next(iter(self._pending))
+                del self._pending[path]
+                try:
+                    await self._on_signal(path)
+                except PolicyRoutingError as exc:
+                    log.error("acting on NetworkManager's signal about %s: %s", path, exc)
+                except Exception:  # the per-event fence: log, keep serving
+                    log.exception("unexpected error acting on NetworkManager's signal about %s", path)
+        finally:
+            self._busy = False
+
+    async def _on_signal(self, path: str) -> None:
+        if path.startswith("device:"):
+            try:
+                value = (await self.nm.call(path[7:], PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
+            except NetworkManagerError:
+                return  # the device went away: its connection's own signal says so
+            path = getattr(value, "value", value)
+            if not path or path == "/":
+                return
+        try:
+            found = await self._facts(path, None)
+        except NetworkManagerError:
+            found = None
+        if found is None:  # the active connection is gone: remove its policy unless it is active again
+            if path in self._seen:
+                uuid, iface = self._seen.pop(path)
+                request = Request("down", iface or "lo", uuid)
+                await self._remove(request, await self.find(request, scan=False))
+            return
+        conn, state = found
+        await self._learn_configs(path)
+        request = Request("up" if state in (ACTIVATING, ACTIVATED) else "down", conn.iface or "lo", conn.uuid)
+        if state == ACTIVATED:
+            text = (await self._ensure(request, found))[1]
+            log.debug("%s", text)
+        elif state in (DEACTIVATING, DEACTIVATED):
+            self._seen.pop(path, None)
+            await self._remove(request, found)
+
+    async def _learn_configs(self, path: str) -> None:
+        """Which IP configurations belong to this active connection (their signals name only them)."""
+        try:
+            props = await self.nm.props(path, ACTIVE)
+        except NetworkManagerError:
+            return
+        for key in ("Ip4Config", "Ip6Config"):
+            config = props.get(key)
+            if config and config != "/":
+                self._configs[config] = path
+
+    async def learn_all(self) -> None:
+        """After a full resync: learn every active connection's IP configurations."""
+        try:
+            paths = await self.nm.active_paths()
+        except NetworkManagerError:
+            return
+        for path in paths:
+            await self._learn_configs(path)
