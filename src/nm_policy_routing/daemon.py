@@ -182,6 +182,8 @@ class Daemon:
                     log.exception("netlink watch failed")
                     time.sleep(1)
                     continue
+                if any(e.startswith("link ") or "overflowed" in e for e in events):
+                    self.resident.forget_sysctls()  # a new link of the same name starts with defaults
                 for event in dict.fromkeys(events):
                     self.schedule(event)
         finally:
@@ -217,6 +219,7 @@ class Daemon:
             await asyncio.sleep(SAFETY_RESYNC_SECONDS)
             self.resident.forget_foreign()
             self.resident.forget_ours()
+            self.resident.forget_sysctls()
             self.schedule("periodic check")
 
     # ---- life cycle ----------------------------------------------------

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy
@@ -64,7 +63,7 @@ def allocation_from_json(data: Dict[str, Any]) -> Allocation:
 
 
 def policy_to_json(policy: Policy) -> Dict[str, Any]:
-    data = asdict(policy)
+    data = dict(policy.__dict__)  # its fields; asdict deep-copies (slow: this runs per policy)
     data["fwmark"] = [policy.fwmark.value, policy.fwmark.mask] if policy.fwmark else None
     data["match"] = sorted(policy.match)
     data["routes"] = [[r.prefix, r.via] for r in policy.routes]

@@ -41,16 +41,28 @@ def _message(msg_type: int, flags: int, body: bytes, seq: int = 1) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
 
 
-def flush_conntrack_mark(value: int, mask: int) -> None:
+def conntrack_socket() -> socket.socket:
+    """A socket for :func:`flush_conntrack_mark`. Keep it: closing a netlink socket waits for an
+    RCU grace period (~10 ms here), more than the flush itself."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    sock.settimeout(5)
+    sock.bind((0, 0))
+    return sock
+
+
+def flush_conntrack_mark(value: int, mask: int, sock: Optional[socket.socket] = None) -> None:
     """Delete every conntrack entry with (ct mark & mask) == value; ENOENT (none) is fine."""
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
     body += _attr(CTA_MARK, struct.pack(">I", value)) + _attr(CTA_MARK_MASK, struct.pack(">I", mask))
     msg = _message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, body)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.settimeout(5)
-        sock.bind((0, 0))
+    own = sock is None
+    sock = conntrack_socket() if sock is None else sock
+    try:
         sock.send(msg)
         reply = sock.recv(65536)
+    finally:
+        if own:
+            sock.close()
     code = _ack(reply)
     if code in (0, errno.ENOENT):
         return

@@ -12,7 +12,9 @@ periodic check runs): that listing forks a child and reads the whole ruleset, th
 most expensive read of an event. Likewise our own table: listing it is O(N) (three
 chains per mark), so the view of it is the last listing or the last committed
 transaction (all or nothing), kept until the watch reports a change to it by anyone
-else, lost notifications, or the periodic check. Used from the daemon's one engine
+else, lost notifications, or the periodic check. Sysctl values are remembered as read
+(one file per interface and key), forgotten when a link appears or comes up and at the
+periodic check; a value we write is read back for real. Used from the daemon's one engine
 thread only.
 """
 
@@ -21,7 +23,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
-from ..model import Fwmark, Mark
+from ..model import Fwmark, Mark, Sysctl
+from . import nfnetlink, sysctl
 from .kernel import LiveKernel
 from .nftables import Nftables
 
@@ -64,11 +67,44 @@ class ResidentKernel(LiveKernel):
         self.nft = _RememberingNftables()
         #: the engine thread: nftables names it in the batches it commits
         self.thread_id = threading.get_native_id()
+        #: sysctl values as last read (a value we write is read again, for the verify)
+        self._sysctls: Dict[Tuple[str, str, str], int] = {}
+        self._conntrack = nfnetlink.conntrack_socket()
+
+    def flush_conntrack(self, mark: Fwmark) -> None:
+        nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
+
+    def read_sysctls(self, slots: Iterable[str]) -> Set[Sysctl]:
+        out = set()
+        for slot in slots:
+            family, iface, key = slot.split("/")
+            value = self.read_sysctl(family, iface, key)
+            if value is not None:
+                out.add(Sysctl(family, iface, key, value))
+        return out
+
+    def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]:
+        slot = (family, iface, key)
+        value = self._sysctls.get(slot)
+        if value is None:
+            value = sysctl.read(family, iface, key)
+            if value is not None:  # an absent interface may appear: never remember its absence
+                self._sysctls[slot] = value
+        return value
+
+    def write_sysctl(self, entry: Sysctl) -> None:
+        self._sysctls.pop(entry.slot, None)
+        super().write_sysctl(entry)
+
+    def forget_sysctls(self) -> None:
+        """A link appeared or came up (it may be a new one of the same name), or the periodic check."""
+        self._sysctls = {}
 
     def close(self) -> None:
         """Kept open for the next event (see :meth:`shutdown`)."""
 
     def shutdown(self) -> None:
+        self._conntrack.close()
         super().close()
 
     def forget_foreign(self) -> None:
@@ -117,6 +153,11 @@ class Resident:
         kernel = self.kernel
         if kernel is not None:
             kernel.forget_ours()
+
+    def forget_sysctls(self) -> None:
+        kernel = self.kernel
+        if kernel is not None:
+            kernel.forget_sysctls()
 
     def shutdown(self) -> None:
         with self._lock:
