@@ -8,6 +8,7 @@ UUID: object paths change when NetworkManager restarts.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import NetworkManagerError, NotPermittedError
@@ -29,6 +30,13 @@ ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
 ACTIVATION_EXTERNAL = 0x80
 UPDATE2_TO_DISK = 0x1
 UPDATE2_NO_REAPPLY = 0x40
+
+
+def _no_glib() -> None:
+    """dbus-next's package imports its GLib flavour, which imports PyGObject when installed
+    (~10-30 ms and a few MB): we use the asyncio flavour only. Called before importing it."""
+    if "dbus_next" not in sys.modules:
+        sys.modules.setdefault("gi", None)  # its 'import gi' then fails at once, as without PyGObject
 
 
 def _plain(value: Any) -> Any:
@@ -57,6 +65,7 @@ class NetworkManagerBus:
         self.bus = None
 
     async def connect(self) -> "NetworkManagerBus":
+        _no_glib()
         from dbus_next import BusType
         from dbus_next.aio import MessageBus
 
