@@ -13,7 +13,7 @@ import tempfile
 import time
 
 import nm_policy_routing.daemon  # noqa: F401  (the daemon's imports, for a representative RSS)
-from nm_policy_routing.adapters.resident import Resident
+from nm_policy_routing.adapters.resident import Resident, trim_heap
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
 
@@ -66,6 +66,7 @@ def main() -> None:
     subprocess.run("nft delete table inet nm_policy_routing; ip -4 rule flush protocol 214; "
                    "ip -4 route flush table all protocol 214", shell=True, check=True)
     out["scratch_s"] = timed(lambda: engine.reconcile(conns))
+    trim_heap()  # as the daemon does after a full re-sync
     ups, downs = [], []
     for _ in range(10):
         ups.append(timed(lambda: engine.ensure(extra)))

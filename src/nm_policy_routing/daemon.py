@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Tuple
 
-from .adapters.resident import Resident
+from .adapters.resident import Resident, trim_heap
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
 from .errors import PolicyRoutingError
 from .handoff import HandoffServer, Request
@@ -141,7 +141,7 @@ class Daemon:
             log.error("cannot read NetworkManager's active connections: %s", exc)
             return
         try:
-            result = await self.loop.run_in_executor(self.executor, self.engine.reconcile, conns)
+            result = await self.loop.run_in_executor(self.executor, self._reconcile_all, conns)
         except PolicyRoutingError as exc:
             log.error("reconcile failed: %s", exc)
             return
@@ -155,6 +155,12 @@ class Daemon:
                 log.error("%s", error)
         if self.targeted is not None:
             await self.targeted.learn_all()
+
+    def _reconcile_all(self, conns):
+        try:
+            return self.engine.reconcile(conns)
+        finally:
+            trim_heap()
 
     async def _on_handoff(self, request: Request) -> Tuple[str, str]:
         """An event the dispatcher hook handed over: act on that connection alone, then answer."""
@@ -182,10 +188,14 @@ class Daemon:
                     log.exception("netlink watch failed")
                     time.sleep(1)
                     continue
-                if any(e.startswith("link ") or "overflowed" in e for e in events):
+                if any(e.routes for e in events):
+                    self.resident.forget_routes()
+                if any(e.rules for e in events):
+                    self.resident.forget_rules()
+                if any(e.link for e in events):
                     self.resident.forget_sysctls()  # a new link of the same name starts with defaults
-                for event in dict.fromkeys(events):
-                    self.schedule(event)
+                for text in dict.fromkeys(e.text for e in events if e.resync):
+                    self.schedule(text)
         finally:
             watch.close()
 
@@ -220,6 +230,8 @@ class Daemon:
             self.resident.forget_foreign()
             self.resident.forget_ours()
             self.resident.forget_sysctls()
+            self.resident.forget_routes()
+            self.resident.forget_rules()
             self.schedule("periodic check")
 
     # ---- life cycle ----------------------------------------------------

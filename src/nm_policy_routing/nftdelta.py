@@ -54,8 +54,9 @@ def delta(before: Iterable[Mark], after: Iterable[Mark]) -> Optional[Dict[str, A
         cmds.append({"delete": {"chain": dict(_TABLE, name=chain)}})
     new = {c for fw in fa - fb for c in (nftjson.set_chain(fw), nftjson.restore_chain(fw))}
     new |= {nftjson.in_chain(fw) for fw in ia - ib}
-    if new:
-        for cmd in nftjson.build(after):
+    if new:  # built from the marks of the new chains only: their rules depend on nothing else
+        grown = (fa - fb) | (ia - ib)
+        for cmd in nftjson.build(m for m in after if Fwmark(m.value, m.mask) in grown):
             obj = cmd.get("add", {})
             if ("chain" in obj and obj["chain"]["name"] in new) or ("rule" in obj and obj["rule"]["chain"] in new):
                 cmds.append(cmd)

@@ -49,10 +49,7 @@ class Plan:
 
     @property
     def desired(self) -> KernelState:
-        state = KernelState()
-        for cp in self.connections:
-            state = state | cp.state
-        return state
+        return KernelState.union(cp.state for cp in self.connections)
 
     @property
     def allocations(self) -> Dict[str, Allocation]:
@@ -62,6 +59,7 @@ class Plan:
         return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
 
 
+@functools.lru_cache(maxsize=4096)
 def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
     """What a validated policy is remembered by: its inputs."""
     text = json.dumps([user_data, defaults], separators=(",", ":"))

@@ -216,12 +216,10 @@ class Engine:
                 plans.append(with_status(cp, "error", [_failed(cp, exc)]))
                 continue
             added[cp.connection.uuid] = todo
-            current = current | todo
+            if todo:  # (a union copies every set: only when there is something to add)
+                current = current | todo
             plans.append(cp)
-        target = KernelState()
-        for cp in plans:
-            if cp.status == "ok":
-                target = target | cp.state
+        target = KernelState.union(cp.state for cp in plans if cp.status == "ok")
         try:
             self._set_marks(kernel, before, target, result)
         except PolicyRoutingError as exc:

@@ -14,18 +14,24 @@ chains per mark), so the view of it is the last listing or the last committed
 transaction (all or nothing), kept until the watch reports a change to it by anyone
 else, lost notifications, or the periodic check. Sysctl values are remembered as read
 (one file per interface and key), forgotten when a link appears or comes up and at the
-periodic check; a value we write is read back for real. Used from the daemon's one engine
+periodic check; a value we write is read back for real. Rules and routes: the last dump,
+kept current by our own acknowledged changes, the routes of each table we change read
+back at the next read (a dump the kernel filters by table), everything dumped again
+when the netlink watch reports a link or address change, someone else's rule or route
+change, lost notifications, or at the periodic check. Used from the daemon's one engine
 thread only.
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
-from ..model import Fwmark, Mark, Sysctl
+from ..model import RT_PROTO, Fwmark, Mark, Route, Rule, Sysctl
 from . import nfnetlink, sysctl
 from .kernel import LiveKernel
+from .rtnl import NLM_F_CREATE, NLM_F_EXCL, RTM_DELRULE, RTM_NEWRULE, Rtnl, rule_message
 from .nftables import Nftables
 
 
@@ -61,9 +67,63 @@ class _RememberingNftables(Nftables):
         super().change(cmd)
 
 
+class _RememberingRtnl(Rtnl):
+    """Our rules (with the foreign ones) and routes as last read, kept current by our own
+    acknowledged changes; the routes of a table we changed are read back (a dump the kernel
+    filters by table: O(1)) at the next read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forget_rules = False
+        self.forget_routes = False
+        self._routes_view: Optional[Set[Route]] = None
+        self._touched: Set[int] = set()
+
+    def invalidate(self) -> None:
+        if self.forget_rules:
+            self.forget_rules = False
+            self._rule_dump.clear()
+
+    def add_rule(self, rule: Rule) -> None:
+        self.request(f"add {rule}", RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_message(rule), ok=(errno.EEXIST,))
+        dump = self._rule_dump.get(rule.family)
+        if dump is not None and (rule, RT_PROTO) not in dump:
+            dump.append((rule, RT_PROTO))
+
+    def del_rule(self, rule: Rule) -> None:
+        self.request(f"delete {rule}", RTM_DELRULE, 0, rule_message(rule), ok=(errno.ENOENT,))
+        dump = self._rule_dump.get(rule.family)
+        if dump is not None:
+            dump[:] = [entry for entry in dump if entry != (rule, RT_PROTO)]
+
+    def add_route(self, route: Route) -> None:
+        self._touched.add(route.table)
+        super().add_route(route)
+
+    def del_route(self, route: Route) -> None:
+        self._touched.add(route.table)
+        super().del_route(route)
+
+    def our_routes(self) -> Set[Route]:
+        if self.forget_routes or self._routes_view is None:
+            self.forget_routes = False
+            self._touched = set()
+            self._routes_view = super().our_routes()
+        elif self._touched:
+            tables, self._touched = self._touched, set()
+            view = {r for r in self._routes_view if r.table not in tables}
+            for table in sorted(tables):
+                for family in (4, 6):
+                    view.update(r for r, proto in self._routes(family, table=table) if proto == RT_PROTO)
+            self._routes_view = view
+        return set(self._routes_view)
+
+
 class ResidentKernel(LiveKernel):
     def __init__(self) -> None:
         super().__init__()
+        self.netlink.close()
+        self.netlink = _RememberingRtnl()
         self.nft = _RememberingNftables()
         #: the engine thread: nftables names it in the batches it commits
         self.thread_id = threading.get_native_id()
@@ -99,6 +159,15 @@ class ResidentKernel(LiveKernel):
     def forget_sysctls(self) -> None:
         """A link appeared or came up (it may be a new one of the same name), or the periodic check."""
         self._sysctls = {}
+
+    def forget_routes(self) -> None:
+        """Routes may have vanished unannounced (a link went down, an address went away) or
+        someone else changed ours: dump them again at the next event."""
+        self.netlink.forget_routes = True
+
+    def forget_rules(self) -> None:
+        """Someone else added or deleted a rule: dump them again at the next event."""
+        self.netlink.forget_rules = True
 
     def close(self) -> None:
         """Kept open for the next event (see :meth:`shutdown`)."""
@@ -159,8 +228,31 @@ class Resident:
         if kernel is not None:
             kernel.forget_sysctls()
 
+    def forget_routes(self) -> None:
+        kernel = self.kernel
+        if kernel is not None:
+            kernel.forget_routes()
+
+    def forget_rules(self) -> None:
+        kernel = self.kernel
+        if kernel is not None:
+            kernel.forget_rules()
+
     def shutdown(self) -> None:
         with self._lock:
             if self.kernel is not None:
                 self.kernel.shutdown()
                 self.kernel = None
+
+
+def trim_heap() -> None:
+    """Give the memory a full re-sync used for a moment back to the system (glibc's malloc_trim):
+    without it the daemon keeps the high-water mark of its largest reconcile."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
