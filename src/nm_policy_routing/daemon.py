@@ -157,6 +157,7 @@ class Daemon:
             await self.targeted.learn_all()
 
     def _reconcile_all(self, conns):
+        self.resident.forget_all()  # the safety net: everything read from the kernel again
         try:
             return self.engine.reconcile(conns)
         finally:
@@ -227,12 +228,7 @@ class Daemon:
         """A slow periodic resync, for what sends no notification (a sysctl changed by hand)."""
         while not self.stopping:
             await asyncio.sleep(SAFETY_RESYNC_SECONDS)
-            self.resident.forget_foreign()
-            self.resident.forget_ours()
-            self.resident.forget_sysctls()
-            self.resident.forget_routes()
-            self.resident.forget_rules()
-            self.schedule("periodic check")
+            self.schedule("periodic check")  # a full re-sync: it forgets every remembered view
 
     # ---- life cycle ----------------------------------------------------
 

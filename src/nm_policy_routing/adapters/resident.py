@@ -238,6 +238,12 @@ class Resident:
         if kernel is not None:
             kernel.forget_rules()
 
+    def forget_all(self) -> None:
+        """A full re-sync (the safety net) reads everything from the kernel again."""
+        for forget in (self.forget_foreign, self.forget_ours, self.forget_sysctls, self.forget_routes,
+                       self.forget_rules):
+            forget()
+
     def shutdown(self) -> None:
         with self._lock:
             if self.kernel is not None:
