@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from concurrent.futures import Executor
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED, DEACTIVATING, DEVICE, NM, NM_PATH,
                                       PROPS, NetworkManagerBus)
@@ -43,6 +44,7 @@ class Targeted:
         #: active connection paths with a signal not yet acted on (bursts collapse)
         self._pending: Dict[str, None] = {}
         self._busy = False
+        self._rtnl = None  # for the address check, in the loop's thread
 
     async def _device_active(self, iface: str) -> Optional[str]:
         try:
@@ -54,7 +56,7 @@ class Targeted:
         return path if path and path != "/" else None
 
     async def _facts(self, path: str, uuid: Optional[str]) -> Optional[Tuple[Connection, int]]:
-        found = await self.nm.facts(path)
+        found = await self.nm.facts(path, device_config=True)
         if found and (uuid is None or found[0].uuid == uuid):
             self._paths[found[0].uuid] = path
             self._seen[path] = (found[0].uuid, found[0].iface)
@@ -83,6 +85,17 @@ class Targeted:
                 return await self._facts(path, request.uuid)
         return None
 
+    def missing_addresses(self, conn: Connection) -> List[str]:
+        """The connection's addresses the kernel does not hold on its interface (yet)."""
+        if not conn.addresses:
+            return []
+        if self._rtnl is None:
+            from .adapters.rtnl import Rtnl
+
+            self._rtnl = Rtnl()
+        held = self._rtnl.addresses(conn.iface)
+        return [f"{a.ip}/{a.prefixlen}" for a in conn.addresses if a.ip not in held]
+
     async def _engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
@@ -107,6 +120,14 @@ class Targeted:
         conn = found[0]
         if conn.type == "external":
             return "ok", f"{request}: external connection, not ours to manage"
+        missing = self.missing_addresses(conn)
+        if missing:  # act on complete facts: plan with what the kernel holds; a later event brings the rest
+            held = tuple(a for a in conn.addresses if f"{a.ip}/{a.prefixlen}" not in missing)
+            log.info("%s for %s on %s: the interface does not hold %s yet; planning without it until "
+                     "NetworkManager's next event for it", request.action, conn.label, conn.iface, ", ".join(missing))
+            if not held:
+                return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
+            conn = replace(conn, addresses=held)
         result = await self._engine(self.engine.ensure, conn)
         for change in result.changes:
             log.info("%s: %s", conn.label, change)

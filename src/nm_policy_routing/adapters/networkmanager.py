@@ -142,8 +142,12 @@ class NetworkManagerBus:
         addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
         return addrs, props.get("Gateway") or None
 
-    async def facts(self, active_path: str) -> Optional[Tuple[Connection, int]]:
-        """The planner's view of one active connection, with its state; None if it vanished."""
+    async def facts(self, active_path: str, device_config: bool = False) -> Optional[Tuple[Connection, int]]:
+        """The planner's view of one active connection, with its state; None if it vanished.
+
+        ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
+        take its device's (for one event about this connection, whose addresses the caller
+        checks are in the kernel)."""
         try:
             active = await self.props(active_path, ACTIVE)
         except NetworkManagerError:
@@ -156,7 +160,7 @@ class NetworkManagerBus:
                 break
         # on pre-up the active connection shows no IP configuration yet ("/"), its device does
         # (and the kernel holds it); a VPN's device is its parent's: never borrow from it
-        borrow = dev if not active.get("Vpn") else {}
+        borrow = dev if device_config and not active.get("Vpn") else {}
         addr4, gw4 = await self._ip(_config(active, borrow, "Ip4Config"))
         addr6, gw6 = await self._ip(_config(active, borrow, "Ip6Config"))
         user = await self.user_data(active["Connection"]) if active.get("Connection") else {}

@@ -28,7 +28,8 @@ NETLINK_ROUTE, SOL_NETLINK, NETLINK_GET_STRICT_CHK = 0, 270, 12
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWLINK, RTM_DELLINK, RTM_DELADDR = 16, 17, 21
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 20, 21, 22
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
@@ -275,6 +276,25 @@ class Rtnl:
                     owner = rule_owner(rule.priority, rule.table, rule.fwmark, rule.fwmask)
                     marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
         return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
+
+    def addresses(self, iface: str) -> Set[str]:
+        """The addresses the kernel holds on ``iface`` now (a dump the kernel filters by interface)."""
+        index = _ifindex(iface)
+        if index is None:
+            return set()
+        out = set()
+        for family in (4, 6):
+            body = struct.pack("=BBBBI", AF[family], 0, 0, 0, index)
+            for kind, payload in self.dump(RTM_GETADDR, body):
+                if kind != RTM_NEWADDR or len(payload) < 8:
+                    continue
+                if struct.unpack_from("=I", payload, 4)[0] != index:
+                    continue  # without strict checking the kernel does not filter
+                attrs = _attrs(payload, 8)
+                raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+                if raw:
+                    out.add(socket.inet_ntop(AF[family], raw))
+        return out
 
     # ---- writing -------------------------------------------------------
 
