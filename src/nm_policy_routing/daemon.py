@@ -100,6 +100,8 @@ class Daemon:
             if msg.body and msg.body[0] == NM:
                 self.owner = msg.body[2] or None
                 log.info("NetworkManager %s", "appeared" if self.owner else "went away")
+                if self.targeted is not None:
+                    self.targeted.forget()
                 if self.owner:
                     self.schedule("NetworkManager (re)started")
             return

@@ -206,6 +206,7 @@ class Targeted:
         except NetworkManagerError:
             found = None
         if found is None:  # the active connection is gone: remove its policy unless it is active again
+            self._drop_configs(path)
             if path in self._seen:
                 uuid, iface = self._seen.pop(path)
                 request = Request("down", iface or "lo", uuid)
@@ -219,7 +220,18 @@ class Targeted:
             log.debug("%s", text)
         elif state in (DEACTIVATING, DEACTIVATED):
             self._seen.pop(path, None)
+            self._drop_configs(path)
             await self._remove(request, found)
+
+    def _drop_configs(self, path: str) -> None:
+        for config in [c for c, owner in self._configs.items() if owner == path]:
+            del self._configs[config]
+
+    def forget(self) -> None:
+        """NetworkManager restarted: its object paths mean other things now."""
+        self._paths.clear()
+        self._seen.clear()
+        self._configs.clear()
 
     async def _learn_configs(self, path: str) -> None:
         """Which IP configurations belong to this active connection (their signals name only them)."""
@@ -227,6 +239,7 @@ class Targeted:
             props = await self.nm.props(path, ACTIVE)
         except NetworkManagerError:
             return
+        self._drop_configs(path)
         for key in ("Ip4Config", "Ip6Config"):
             config = props.get(key)
             if config and config != "/":
