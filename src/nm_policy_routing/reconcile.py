@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: validated policies of connections no longer active that the record keeps
+KEEP_UNUSED_POLICIES = 32
+
 
 class Kernel(Protocol):
     nft_exists: bool
@@ -193,7 +196,9 @@ class Engine:
         cache = record.policies()
         the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
-        record.set_policies({k: p for k, p in cache.items() if p in used})
+        # the policies in use, and a few of connections gone (they come back: no pydantic then)
+        spare = [k for k, p in cache.items() if p not in used][-KEEP_UNUSED_POLICIES:]
+        record.set_policies({k: p for k, p in cache.items() if p in used or k in spare})
         record.set_connections(conns)
         record.set_allocations({**{u: a for u, a in record.allocations().items() if u in conns},
                                 **the_plan.allocations})
