@@ -16,6 +16,7 @@ import nm_policy_routing.daemon  # noqa: F401  (the daemon's imports, for a repr
 from nm_policy_routing.adapters.resident import Resident, trim_heap
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
+from nm_policy_routing.scoped import Scoped
 
 def conn(i: int) -> Connection:
     """Policy connection i: incoming marking with its own mark (the automatic mark bits
@@ -68,9 +69,13 @@ def main() -> None:
     out["scratch_s"] = timed(lambda: engine.reconcile(conns))
     trim_heap()  # as the daemon does after a full re-sync
     ups, downs = [], []
+    scoped = Scoped(engine)  # as the daemon acts on one connection's event: scoped, else the full reconcile
+    fallbacks = []
     for _ in range(10):
-        ups.append(timed(lambda: engine.ensure(extra)))
-        downs.append(timed(lambda: engine.remove(extra.uuid)))
+        ups.append(timed(lambda: scoped.ensure(extra) or fallbacks.append("up") or engine.ensure(extra)))
+        downs.append(timed(lambda: scoped.remove(extra.uuid) or fallbacks.append("down") or
+                           engine.remove(extra.uuid)))
+    out["full_reconcile_fallbacks"] = len(fallbacks)
     out["one_up_s"] = statistics.median(ups)
     out["one_down_s"] = statistics.median(downs)
     out["rss_kb"] = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])

@@ -24,6 +24,7 @@ from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED
 from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
 from .model import Connection
+from .scoped import Scoped
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Targeted:
         self._pending: Dict[str, None] = {}
         self._busy = False
         self._rtnl = None  # for the address check, in the loop's thread
+        self.scoped = Scoped(engine)
 
     async def _device_active(self, iface: str) -> Optional[str]:
         try:
@@ -96,6 +98,13 @@ class Targeted:
         held = self._rtnl.addresses(conn.iface)
         return [f"{a.ip}/{a.prefixlen}" for a in conn.addresses if a.ip not in held]
 
+    def _ensure_one(self, conn: Connection):
+        """In the engine thread: the one-connection reconcile, else the full one."""
+        return self.scoped.ensure(conn) or self.engine.ensure(conn)
+
+    def _remove_one(self, uuid: str):
+        return self.scoped.remove(uuid) or self.engine.remove(uuid)
+
     async def _engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
@@ -128,7 +137,7 @@ class Targeted:
             if not held:
                 return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
             conn = replace(conn, addresses=held)
-        result = await self._engine(self.engine.ensure, conn)
+        result = await self._engine(self._ensure_one, conn)
         for change in result.changes:
             log.info("%s: %s", conn.label, change)
         cp = result.plan_of(conn.uuid)
@@ -143,7 +152,7 @@ class Targeted:
     async def _remove(self, request: Request, found: Optional[Tuple[Connection, int]]) -> Tuple[str, str]:
         if found is not None and found[1] in (ACTIVATING, ACTIVATED) and request.action in ("down", "vpn-down"):
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
-        result = await self._engine(self.engine.remove, request.uuid)
+        result = await self._engine(self._remove_one, request.uuid)
         for change in result.changes:
             log.info("%s: %s", request.uuid, change)
         self._paths.pop(request.uuid, None)

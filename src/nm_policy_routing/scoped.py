@@ -1,0 +1,140 @@
+"""The daemon's one-connection reconcile: an event's cost does not grow with the number of
+active connections.
+
+The connection is planned alone, against the other connections' recorded allocations
+(they never move for it); its entries are diffed against the daemon's resident views of
+the kernel (adapters/resident.py), applied with the engine's own steps (sysctls, routes,
+rules, then the nft marking as one element-by-element transaction; removal in reverse),
+and verified against those views, in which the tables it changed were read back. The
+full reconcile (reconcile.Engine) stays the reference: whenever this is not the simple
+case — a conflict with another connection, an allocation that would move, an interface
+another connection holds, an error from the kernel — the caller runs the full one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+from .errors import PolicyRoutingError
+from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, KernelState
+from .planner import plan
+from .record import Record, allocation_from_json, allocation_to_json, connection_to_json, locked
+
+if TYPE_CHECKING:
+    from .reconcile import Engine, Result
+
+log = logging.getLogger(__name__)
+
+
+class _Union:
+    """``table in tables`` over the foreign tables and the other connections' tables."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.second or item in self.first
+
+
+def _with_others(foreign: ForeignUsage, others: Dict[str, Tuple[str, Allocation]]) -> ForeignUsage:
+    """What the other connections hold, as the planner sees what foreign owners hold."""
+    tables = {alloc.table for _, alloc in others.values()}
+    priorities = {(f, alloc.priority) for _, alloc in others.values() for f in (4, 6)}
+    marks = tuple((alloc.fwmark, f"connection {label}") for label, alloc in others.values() if alloc.fwmark)
+    return ForeignUsage(_Union(foreign.tables, tables), foreign.priorities | priorities, foreign.marks + marks)
+
+
+def _entries_of(state: KernelState, table: Optional[int], iface: Optional[str]) -> KernelState:
+    """The entries of ``state`` that belong to one connection (its table, its interface)."""
+    return KernelState(
+        frozenset(r for r in state.rules if r.table == table),
+        frozenset(r for r in state.routes if r.table == table),
+        frozenset(m for m in state.marks if m.iface == iface),
+        frozenset(s for s in state.sysctls if s.iface == iface),
+    )
+
+
+class Scoped:
+    """ensure/remove one connection in O(1); None when the full reconcile must do it."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    def ensure(self, conn: Connection) -> Optional["Result"]:
+        return self._run(conn.uuid, conn)
+
+    def remove(self, uuid: str) -> Optional["Result"]:
+        return self._run(uuid, None)
+
+    def _run(self, uuid: str, conn: Optional[Connection]) -> Optional["Result"]:
+        if self.engine.dry_run:
+            return None
+        with locked(self.engine.directory):
+            record = Record.load(self.engine.directory)
+            kernel = self.engine._kernel()
+            try:
+                return self._reconcile(kernel, record, uuid, conn)
+            except PolicyRoutingError as exc:
+                log.warning("one-connection change of %s failed (%s); reconciling everything", uuid, exc)
+                return None
+            finally:
+                kernel.close()
+
+    def _reconcile(self, kernel, record: Record, uuid: str, conn: Optional[Connection]) -> Optional["Result"]:
+        from .reconcile import Result
+
+        data = record.data
+        labels = {u: (c.get("id") or u) for u, c in data["connections"].items()}
+        others = {u: (f"{labels[u]} ({u})", allocation_from_json(a)) for u, a in data["allocations"].items()
+                  if u != uuid and u in labels}
+        previous = allocation_from_json(data["allocations"][uuid]) if uuid in data["allocations"] else None
+        old_iface = (data["connections"].get(uuid) or {}).get("iface")
+        if conn is not None and any(c.get("iface") == conn.iface for u, c in data["connections"].items()
+                                    if u != uuid):
+            return None  # two connections on one interface: the full plan says who wins
+        before = kernel.read(record.sysctl_originals())
+        cp: Optional[ConnectionPlan] = None
+        new = KernelState()
+        if conn is not None:
+            cache = record.policies()
+            the_plan = plan([conn], _with_others(kernel.foreign(), others),
+                            {uuid: previous} if previous else {}, self.engine.defaults(), cache)
+            cp = the_plan.connections[0]
+            if cp.status == "conflict" or (previous and cp.allocation and cp.allocation != previous):
+                return None
+            new = cp.state if cp.status == "ok" else KernelState()
+            used = {k: p for k, p in cache.items() if p == cp.policy and k not in data["policies"]}
+            data["policies"].update(_policies_json(used))
+        mine = _entries_of(before, previous.table if previous else None, old_iface) | \
+            _entries_of(before, cp.allocation.table if cp and cp.allocation else None, conn.iface if conn else None)
+        target = KernelState.union([before - mine, new])
+        if conn is None:
+            data["connections"].pop(uuid, None)
+            data["allocations"].pop(uuid, None)
+            data["outcomes"].pop(uuid, None)
+        else:
+            data["connections"][uuid] = connection_to_json(conn)
+            if cp and cp.allocation:
+                data["allocations"][uuid] = allocation_to_json(cp.allocation)
+        self.engine._record_originals(kernel, record, new.sysctls)
+        record.save()  # allocations and originals first, as the full reconcile does
+        result = Result()
+        self.engine._add(kernel, record, new - before, result)
+        self.engine._set_marks(kernel, before, target, result)
+        self.engine._remove_stale(kernel, record, before, target, result)
+        if result.changes:
+            self.engine._verify(kernel, record, target)
+        if cp is not None:
+            result.plans = [cp]
+            record.set_outcome(uuid, {"id": cp.connection.id, "iface": cp.connection.iface, "status": cp.status,
+                                      "errors": list(cp.errors)})
+        record.save()
+        return result
+
+
+def _policies_json(policies: dict) -> dict:
+    from .record import policy_to_json
+
+    return {k: policy_to_json(p) for k, p in policies.items()}
+
