@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 from .errors import PolicyRoutingError
 from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, KernelState
 from .planner import plan
-from .record import Record, allocation_from_json, allocation_to_json, connection_to_json, locked
+from .record import (Record, allocation_from_json, allocation_to_json, connection_to_json, locked, policy_from_json,
+                     policy_to_json)
 
 if TYPE_CHECKING:
     from .reconcile import Engine, Result
@@ -97,15 +98,14 @@ class Scoped:
         cp: Optional[ConnectionPlan] = None
         new = KernelState()
         if conn is not None:
-            cache = record.policies()
+            cache = _LazyPolicies(data["policies"])
             the_plan = plan([conn], _with_others(kernel.foreign(), others),
                             {uuid: previous} if previous else {}, self.engine.defaults(), cache)
             cp = the_plan.connections[0]
             if cp.status == "conflict" or (previous and cp.allocation and cp.allocation != previous):
                 return None
             new = cp.state if cp.status == "ok" else KernelState()
-            used = {k: p for k, p in cache.items() if p == cp.policy and k not in data["policies"]}
-            data["policies"].update(_policies_json(used))
+            data["policies"].update({k: policy_to_json(p) for k, p in cache.new.items()})
         mine = _entries_of(before, previous.table if previous else None, old_iface) | \
             _entries_of(before, cp.allocation.table if cp and cp.allocation else None, conn.iface if conn else None)
         target = KernelState.union([before - mine, new])
@@ -133,8 +133,23 @@ class Scoped:
         return result
 
 
-def _policies_json(policies: dict) -> dict:
-    from .record import policy_to_json
+class _LazyPolicies(dict):
+    """The record's validated policies, decoded only when asked for (the planner asks for one)."""
 
-    return {k: policy_to_json(p) for k, p in policies.items()}
+    def __init__(self, raw: Dict[str, dict]) -> None:
+        super().__init__()
+        self.raw = raw
+        self.new: Dict[str, object] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self.raw
+
+    def __getitem__(self, key: str):
+        if not dict.__contains__(self, key):
+            dict.__setitem__(self, key, policy_from_json(self.raw[key]))
+        return dict.__getitem__(self, key)
+
+    def __setitem__(self, key: str, value) -> None:
+        self.new[key] = value
+        dict.__setitem__(self, key, value)
 
