@@ -38,6 +38,8 @@ class Targeted:
         self.executor = executor
         #: UUID -> the active connection's object path last seen (a hint, always re-checked)
         self._paths: Dict[str, str] = {}
+        #: interface -> its device's object path
+        self._devices: Dict[str, str] = {}
         #: active connection path -> (UUID, interface), for signals about a connection that is gone
         self._seen: Dict[str, Tuple[str, str]] = {}
         #: IP4Config/IP6Config path -> the active connection path it belongs to
@@ -49,16 +51,25 @@ class Targeted:
         self.scoped = Scoped(engine)
 
     async def _device_active(self, iface: str) -> Optional[str]:
-        try:
-            device = (await self.nm.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
-            value = (await self.nm.call(device, PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
-        except NetworkManagerError:
-            return None  # no such device (a VPN's tunnel may have none)
+        """The active connection on the device of ``iface`` (the device's path remembered)."""
+        for attempt in (0, 1):
+            device = self._devices.get(iface)
+            try:
+                if device is None:
+                    device = self._devices[iface] = \
+                        (await self.nm.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
+                value = (await self.nm.call(device, PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
+                break
+            except NetworkManagerError:
+                self._devices.pop(iface, None)  # gone, or another device now: ask again once
+                if attempt:
+                    return None  # no such device (a VPN's tunnel may have none)
         path = getattr(value, "value", value)
         return path if path and path != "/" else None
 
-    async def _facts(self, path: str, uuid: Optional[str]) -> Optional[Tuple[Connection, int]]:
-        found = await self.nm.facts(path, device_config=True)
+    async def _facts(self, path: str, uuid: Optional[str], device: Optional[str] = None
+                     ) -> Optional[Tuple[Connection, int]]:
+        found = await self.nm.facts(path, device_config=True, device_hint=device)
         if found and (uuid is None or found[0].uuid == uuid):
             self._paths[found[0].uuid] = path
             self._seen[path] = (found[0].uuid, found[0].iface)
@@ -68,10 +79,12 @@ class Targeted:
     async def find(self, request: Request, scan: bool) -> Optional[Tuple[Connection, int]]:
         """(facts, state) of the active connection ``request`` names; None if it is not active."""
         tried = set()
-        for path in (await self._device_active(request.iface), self._paths.get(request.uuid)):
+        on_device = await self._device_active(request.iface)
+        for path in (on_device, self._paths.get(request.uuid)):
             if path and path not in tried:
                 tried.add(path)
-                found = await self._facts(path, request.uuid)
+                device = self._devices.get(request.iface) if path == on_device else None
+                found = await self._facts(path, request.uuid, device)
                 if found:
                     return found
         if not scan:
@@ -239,6 +252,7 @@ class Targeted:
     def forget(self) -> None:
         """NetworkManager restarted: its object paths mean other things now."""
         self._paths.clear()
+        self._devices.clear()
         self._seen.clear()
         self._configs.clear()
 

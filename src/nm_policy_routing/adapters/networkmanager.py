@@ -58,6 +58,10 @@ def _config(active: Dict[str, Any], device: Dict[str, Any], key: str) -> str:
     return path if path != "/" else device.get(key) or "/"
 
 
+async def _nothing() -> Dict[str, str]:
+    return {}
+
+
 class NetworkManagerBus:
     """An async client of NetworkManager on the system bus."""
 
@@ -142,28 +146,35 @@ class NetworkManagerBus:
         addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
         return addrs, props.get("Gateway") or None
 
-    async def facts(self, active_path: str, device_config: bool = False) -> Optional[Tuple[Connection, int]]:
+    async def facts(self, active_path: str, device_config: bool = False,
+                    device_hint: Optional[str] = None) -> Optional[Tuple[Connection, int]]:
         """The planner's view of one active connection, with its state; None if it vanished.
 
         ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
         take its device's (for one event about this connection, whose addresses the caller
-        checks are in the kernel)."""
-        try:
-            active = await self.props(active_path, ACTIVE)
+        checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
+        (read at the same time as the connection)."""
+        import asyncio
+
+        try:  # independent calls go out together: each round trip waits for two other processes
+            if device_hint:
+                active, hinted = await asyncio.gather(self.props(active_path, ACTIVE), self.props(device_hint, DEVICE))
+            else:
+                active, hinted = await self.props(active_path, ACTIVE), {}
         except NetworkManagerError:
             return None
         iface, dev = "", {}
         for device in active.get("Devices", []):
-            dev = await self.props(device, DEVICE)
+            dev = hinted if device == device_hint else await self.props(device, DEVICE)
             iface = dev.get("IpInterface") or dev.get("Interface") or ""
             if iface:
                 break
         # on pre-up the active connection shows no IP configuration yet ("/"), its device does
         # (and the kernel holds it); a VPN's device is its parent's: never borrow from it
         borrow = dev if device_config and not active.get("Vpn") else {}
-        addr4, gw4 = await self._ip(_config(active, borrow, "Ip4Config"))
-        addr6, gw6 = await self._ip(_config(active, borrow, "Ip6Config"))
-        user = await self.user_data(active["Connection"]) if active.get("Connection") else {}
+        (addr4, gw4), (addr6, gw6), user = await asyncio.gather(
+            self._ip(_config(active, borrow, "Ip4Config")), self._ip(_config(active, borrow, "Ip6Config")),
+            self.user_data(active["Connection"]) if active.get("Connection") else _nothing())
         conn = Connection(
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
             addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,
