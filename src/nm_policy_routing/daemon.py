@@ -180,7 +180,7 @@ class Daemon:
 
     def _watch_netlink(self) -> None:
         """Links coming up, our routes or rules deleted, notifications lost: resync (runs in a thread)."""
-        from .adapters.rtnl import RtnlWatch
+        from .adapters.rtnlwatch import RtnlWatch
 
         watch = RtnlWatch(ignore_portid=self.resident.portid)
         try:

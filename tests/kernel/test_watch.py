@@ -14,7 +14,8 @@ SCRIPT = r'''
 import json, select, subprocess, threading
 import nftables
 from nm_policy_routing.adapters.nfnetlink import NftWatch
-from nm_policy_routing.adapters.rtnl import Rtnl, RtnlWatch
+from nm_policy_routing.adapters.rtnl import Rtnl
+from nm_policy_routing.adapters.rtnlwatch import RtnlWatch
 from nm_policy_routing.model import Rule
 
 def drain(watch, seconds=0.3):

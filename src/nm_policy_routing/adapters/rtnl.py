@@ -18,7 +18,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, Route, Rule
@@ -29,7 +29,8 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 20, 21, 22
-IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
@@ -296,6 +297,21 @@ class Rtnl:
                     out.add(socket.inet_ntop(AF[family], raw))
         return out
 
+    def unusable_addresses(self) -> Set[str]:
+        """Addresses the kernel will not take as a route's source yet or at all: tentative
+        (duplicate address detection running) or failed DAD."""
+        out = set()
+        for family in (4, 6):
+            for kind, payload in self.dump(RTM_GETADDR, struct.pack("=BBBBI", AF[family], 0, 0, 0, 0)):
+                if kind != RTM_NEWADDR or len(payload) < 8:
+                    continue
+                attrs = _attrs(payload, 8)
+                flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] if IFA_FLAGS in attrs else payload[2]
+                raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+                if raw and flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                    out.add(socket.inet_ntop(AF[family], raw))
+        return out
+
     # ---- writing -------------------------------------------------------
 
     def add_rule(self, rule: Rule) -> None:
@@ -318,65 +334,6 @@ class Rtnl:
             return
         self.request(f"delete {route}", RTM_DELROUTE, 0, route_message(route, index),
                      ok=(errno.ESRCH, errno.ENOENT))
-
-
-class RtnlWatch:
-    """Link, address, route and rule notifications, as the daemon follows them (no pyroute2).
-
-    :meth:`events` yields :class:`WatchEvent`: whether to re-sync (a link came up, one of our
-    rules or routes was deleted by someone else, notifications were lost) and which
-    remembered views no longer hold (routes vanish without a notification when their
-    link goes down or their address goes away; rules and routes others change)."""
-
-    #: RTMGRP_LINK, _IPV4_IFADDR, _IPV4_ROUTE, _IPV4_RULE, _IPV6_IFADDR, _IPV6_ROUTE, _IPV6_RULE
-    GROUPS = 0x1 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x40000
-
-    def __init__(self, ignore_portid: Optional[Callable[[], Optional[int]]] = None) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.sock.bind((0, self.GROUPS))
-        #: the socket whose own changes are not reported (the daemon's engine verifies them)
-        self.ignore_portid = ignore_portid or (lambda: None)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def events(self) -> List["WatchEvent"]:
-        """What the next batch of notifications says."""
-        try:
-            data = self.sock.recv(1 << 20)
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:  # we missed some: say "anything may have changed"
-                return [WatchEvent("netlink notifications overflowed", True, True, True, True)]
-            raise
-        out = []
-        ours = self.ignore_portid()
-        for kind, _flags, _seq, body, portid in _messages(data, with_portid=True):
-            if ours is not None and portid == ours:
-                continue
-            if kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 16:
-                _family, _type, index, flags = struct.unpack_from("=BxHiI", body)
-                up = kind == RTM_NEWLINK and flags & 1  # IFF_UP
-                out.append(WatchEvent(f"link {_ifname(index)} {'up' if up else 'changed'}", bool(up), True,
-                                      False, True))
-            elif kind == RTM_DELADDR:
-                out.append(WatchEvent("an address was removed", False, True, False, False))
-            elif kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= 12 and body[5] == RT_PROTO:
-                out.append(WatchEvent(f"{'RTM_DELROUTE' if kind == RTM_DELROUTE else 'RTM_NEWROUTE'} of ours",
-                                      kind == RTM_DELROUTE, True, False, False))
-            elif kind in (RTM_NEWRULE, RTM_DELRULE) and len(body) >= 12:
-                mine = _attrs(body, _RTMSG.size).get(FRA_PROTOCOL, b"\0")[:1] == bytes([RT_PROTO])
-                out.append(WatchEvent("RTM_DELRULE of ours" if mine and kind == RTM_DELRULE else "a rule changed",
-                                      mine and kind == RTM_DELRULE, False, True, False))
-        return out
-
-
-class WatchEvent(NamedTuple):
-    text: str
-    resync: bool
-    routes: bool
-    rules: bool
-    link: bool
 
 
 class _ForeignTables:
