@@ -79,6 +79,12 @@ class Targeted:
     async def find(self, request: Request, scan: bool) -> Optional[Tuple[Connection, int]]:
         """(facts, state) of the active connection ``request`` names; None if it is not active."""
         tried = set()
+        known = self._paths.get(request.uuid)  # the usual case after pre-up: one round trip less
+        if known:
+            tried.add(known)
+            found = await self._facts(known, request.uuid, self._devices.get(request.iface))
+            if found and found[1] in (ACTIVATING, ACTIVATED):  # else it may be active again elsewhere
+                return found
         on_device = await self._device_active(request.iface)
         for path in (on_device, self._paths.get(request.uuid)):
             if path and path not in tried:
