@@ -53,9 +53,10 @@ class EngineInNs:
         self.ns = ns
         self.state_dir = state_dir
 
-    def call(self, op: str, **kw: Any) -> Dict[str, Any]:
+    def call(self, op: str, env: Optional[Dict[str, str]] = None, **kw: Any) -> Dict[str, Any]:
         req = dict(op=op, state_dir=self.state_dir, **kw)
-        proc = self.ns.run(PYTHON, ENGINE_CALL, input=json.dumps(req), check=False)
+        proc = self.ns.run(PYTHON, ENGINE_CALL, input=json.dumps(req), check=False,
+                           env={**os.environ, **env} if env else None)
         if proc.stderr.strip():
             print(proc.stderr)
         try:

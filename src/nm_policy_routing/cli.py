@@ -19,16 +19,11 @@ log = logging.getLogger("nm_policy_routing")
 EX_OK, EX_FAIL, EX_USAGE, EX_DATAERR, EX_NOPERM = 0, 1, 2, 65, 77
 
 
-def _setup_logging(verbose: bool, syslog: bool = False) -> None:
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if syslog and os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
+def _setup_logging(verbose: bool, service: bool = False) -> None:
+    """``service`` (dispatch, daemon): the journal natively under systemd (journal.py)."""
+    from .journal import handlers
 
-        handler = SysLogHandler(address="/dev/log")
-        handler.ident = "nm-policy-routing: "
-        handlers.append(handler)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s %(message)s", handlers=handlers)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers(service))
     for noisy in ("pyroute2", "asyncio"):  # their debug output is not ours to show
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -73,9 +68,16 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         from . import dispatch
 
         outcome = dispatch.handle(args.iface, args.action, os.environ, _engine(args))
-        log.info("%s", outcome)
+        log.debug("%s", outcome)  # what changed, if anything, is already logged (story.py)
     except Exception as exc:  # the per-event fence: NetworkManager must go on
-        log.exception("dispatcher event %s on %s failed: %s", args.action, args.iface, exc)
+        from types import SimpleNamespace
+
+        from .journal import about, named
+
+        uuid = os.environ.get("CONNECTION_UUID", "")
+        conn = SimpleNamespace(uuid=uuid or "?", id=os.environ.get("CONNECTION_ID", uuid or "?"), iface=args.iface)
+        log.exception("%s: dispatcher event %s failed: %s", named(conn), args.action, exc,
+                      extra=about(conn) if uuid else None)
         _record_dispatch_error(args, f"dispatcher event {args.action} on {args.iface}: {exc}")
     return EX_OK
 
@@ -133,18 +135,28 @@ def _report(args: argparse.Namespace, result, only: Optional[str] = None) -> int
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from .errors import NetworkManagerError
+    from .faults import pause_point
 
     engine = _engine(args, args.dry_run)
-    try:
-        conns = _active_connections()
-    except NetworkManagerError as exc:
-        print(f"nm-policy-routing: {exc}; re-applying the connections recorded before", file=sys.stderr)
-        conns = None
+    seen: dict = {}
+
+    def snapshot() -> Optional[list]:  # called with the reconcile lock held
+        try:
+            conns = _active_connections()
+        except NetworkManagerError as exc:
+            print(f"nm-policy-routing: {exc}; re-applying the connections recorded before", file=sys.stderr)
+            conns = None
+        seen["conns"] = conns
+        pause_point("apply-snapshot")
+        return conns
+
+    result = engine.reconcile(snapshot)
+    conns = seen.get("conns")
     if args.connection and conns is not None and not any(
             args.connection in (c.uuid, c.id, c.iface) for c in conns):
         print(f"nm-policy-routing: connection {args.connection!r} is not active; "
               "its policy applies when it comes up", file=sys.stderr)
-    return _report(args, engine.reconcile(conns), args.connection)
+    return _report(args, result, args.connection)
 
 
 def _resolve_recorded(args: argparse.Namespace, ref: str) -> str:
@@ -204,7 +216,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nm-policy-routing: {exc}; inactive profiles are not listed", file=sys.stderr)
         inactive = []
     rows = status_rows(inspection.plans, inspection.current, inspection.drift, record.data["outcomes"],
-                       inactive, args.all)
+                       inactive, args.all, inspection.caveats)
     if args.json:
         _print_json({"connections": rows, "stray": inspection.stray,
                      "foreign_marks": [{"mark": str(m), "owner": o} for m, o in inspection.foreign.marks]})
@@ -309,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, syslog=args.command in ("dispatch", "daemon"))
+    _setup_logging(args.verbose, service=args.command in ("dispatch", "daemon"))
     from .errors import PolicyRoutingError
 
     try:

@@ -7,7 +7,6 @@ NetworkManager's authorization applies; values are validated before anything is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Dict
 
@@ -23,7 +22,7 @@ def _full_key(key: str) -> str:
 def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], Dict[str, str]]) -> int:
     """Read the profile's user data, change it, validate, write it back (Update2)."""
     from .adapters.networkmanager import ACTIVATED
-    from .errors import PolicyError
+    from .errors import NotPermittedError, PolicyError
     from .policy import parse_policy
 
     async def go(nm):
@@ -34,7 +33,10 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         new = change(current)
         parse_policy(new, label)  # raises PolicyError: nothing is written
         if new != current:
-            await nm.set_user_data(path, new)
+            try:
+                await nm.set_user_data(path, new)
+            except NotPermittedError as exc:
+                raise NotPermittedError(refusal(conn, exc)) from exc
         return label, await nm.active_state(conn.get("uuid", ""))
 
     try:
@@ -44,28 +46,34 @@ def _write_policy(args: argparse.Namespace, change: Callable[[Dict[str, str]], D
         return EX_DATAERR
     print(f"connection {label}: policy saved")
     if state == ACTIVATED and not _daemon_running(args):
-        result = _engine(args).reconcile(_active_connections())
+        result = _engine(args).reconcile(_active_connections)  # read under the lock
         for change_line in result.changes:
             print(change_line)
     return EX_OK
 
 
-def _daemon_running(args: argparse.Namespace) -> bool:
-    import fcntl
+MODIFY_SYSTEM = "org.freedesktop.NetworkManager.settings.modify.system"
 
+
+def refusal(conn: Dict[str, str], exc: Exception) -> str:
+    """NetworkManager refused to change a profile: say it in the user's words, and what to do."""
+    iface = conn.get("interface-name") or "any interface"
+    return (f"not permitted to modify connection '{conn.get('id')}' ({conn.get('uuid')}, {iface}): "
+            f"NetworkManager lets only users authorized for the polkit action {MODIFY_SYSTEM} "
+            "change a system connection. Nothing was changed. Run the command with sudo, or allow "
+            "a group that action with a polkit rule, e.g. /etc/polkit-1/rules.d/50-nm-policy-routing.rules:\n"
+            "  polkit.addRule(function(action, subject) {\n"
+            f"      if (action.id == \"{MODIFY_SYSTEM}\" && subject.isInGroup(\"netadmin\"))\n"
+            "          return polkit.Result.YES;\n"
+            "  });\n"
+            f"(NetworkManager said: {exc})")
+
+
+def _daemon_running(args: argparse.Namespace) -> bool:
+    from .daemonlock import held
     from .record import state_dir
 
-    try:
-        fd = os.open(os.path.join(state_dir(args.state_dir), "daemon.lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return held(state_dir(args.state_dir))
 
 
 def cmd_set(args: argparse.Namespace) -> int:

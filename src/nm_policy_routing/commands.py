@@ -22,6 +22,8 @@ def rule(verb: str, entry: Rule) -> str:
     sel = []
     if entry.src:
         sel += ["from", f"{entry.src}/{entry.src_len}"]
+    if entry.iif:
+        sel += ["iif", entry.iif]
     if entry.fwmask:
         sel += ["fwmark", f"0x{entry.fwmark:x}/0x{entry.fwmask:x}"]
     words = ["ip", f"-{entry.family}", "rule", verb, "priority", str(entry.priority), *sel,

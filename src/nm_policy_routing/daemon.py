@@ -6,17 +6,24 @@ alone (targeted.py); any other relevant signal (a profile edited or removed,
 NetworkManager restarting) schedules one coalesced resync: snapshot all active
 connections and reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
 schedule the same. Signals are accepted only from the current owner of
-NetworkManager's bus name. While it runs, the daemon holds ``daemon.lock`` in the
-state directory and serves ``handoff.sock`` there: the dispatcher hook hands each event
-over and waits for the verified result (handoff.py, targeted.py), so on ``pre-up`` the
-policy is in the kernel before NetworkManager reports the connection activated. All
-engine work runs on one worker thread, in order.
+NetworkManager's bus name. While it follows NetworkManager, the daemon holds
+``daemon.lock`` in the state directory (daemonlock.py) and serves ``handoff.sock``
+there: the dispatcher hook hands each event over and waits for the verified result
+(handoff.py, targeted.py), so on ``pre-up`` the policy is in the kernel before
+NetworkManager reports the connection activated. All engine work runs on one worker
+thread, in order.
+
+A lost bus (dbus-daemon died or stopped answering) is noticed at once (the connection
+ends) or by the heartbeat (a ping without answer): the daemon logs it, lets go of
+``daemon.lock``, answers handed-over events with "act yourself" (so the hook works
+meanwhile), reconnects with backoff and re-syncs. Under systemd with ``WatchdogSec=``
+it sends ``WATCHDOG=1`` only while the bus answers and no re-sync is stuck, so systemd
+restarts a daemon that is not really following.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import signal
@@ -24,18 +31,24 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from .adapters.resident import Resident, trim_heap
+from . import daemonlock
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
-from .errors import PolicyRoutingError
+from .adapters.resident import Resident, trim_heap
+from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import HandoffServer, Request
 from .reconcile import Engine
+from .story import tell
 from .targeted import Targeted
 
 log = logging.getLogger(__name__)
 
 SAFETY_RESYNC_SECONDS = 60
+#: how often the bus is pinged without a systemd watchdog (with one: twice per WatchdogSec)
+HEARTBEAT_SECONDS = 15.0
+#: reconnect delays after a bus loss: doubling from the first to the last
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
 _IP_KEYS = {"Ip4Config", "Ip6Config", "State", "IpInterface", "ActiveConnections", "AddressData", "Gateway",
             "Startup"}
 
@@ -53,6 +66,14 @@ def sd_notify(text: str) -> None:
             sock.sendall(text.encode())
         except OSError as exc:
             log.warning("sd_notify failed: %s", exc)
+
+
+def watchdog_interval() -> Optional[float]:
+    """Seconds between WATCHDOG=1 pings (half of systemd's WatchdogSec), None without a watchdog."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 def relevant(msg: Any) -> bool:
@@ -88,6 +109,12 @@ class Daemon:
         self.resident = Resident()
         engine.keep_kernel(self.resident)
         self.targeted: Optional[Targeted] = None
+        self._stop: Optional[asyncio.Event] = None
+        #: set when the bus is found dead (by the heartbeat); the connection loop reconnects
+        self._lost: Optional[asyncio.Event] = None
+        #: monotonic time the running re-sync started, None when idle (the heartbeat checks it)
+        self._busy_since: Optional[float] = None
+        self._told: Dict[str, Tuple[str, ...]] = {}  # errors last logged per connection (story.tell)
 
     # ---- signal intake -------------------------------------------------
 
@@ -133,12 +160,23 @@ class Daemon:
             await self.resync()
 
     async def resync(self) -> None:
-        assert self.nm is not None and self.loop is not None
+        self._busy_since = time.monotonic()
         try:
-            if await self.nm.starting_up():
+            await self._resync()
+        finally:
+            self._busy_since = None
+
+    async def _resync(self) -> None:
+        assert self.loop is not None
+        nm = self.nm
+        if nm is None or not nm.connected:
+            log.warning("not re-syncing: no connection to the D-Bus system bus (re-syncs when it is back)")
+            return
+        try:
+            if await nm.starting_up():
                 log.info("NetworkManager is still starting up; waiting before re-syncing")
                 return
-            conns = await self.nm.active_connections()
+            conns = await nm.active_connections()
         except PolicyRoutingError as exc:
             log.error("cannot read NetworkManager's active connections: %s", exc)
             return
@@ -150,11 +188,7 @@ class Daemon:
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
-        for change in result.changes:
-            log.info("%s", change)
-        for uuid, errors in result.errors.items():
-            for error in errors:
-                log.error("%s", error)
+        tell(result, self._told)
         if self.targeted is not None:
             await self.targeted.learn_all()
 
@@ -167,7 +201,8 @@ class Daemon:
 
     async def _on_handoff(self, request: Request) -> Tuple[str, str]:
         """An event the dispatcher hook handed over: act on that connection alone, then answer."""
-        assert self.targeted is not None
+        if self.targeted is None or self.nm is None or not self.nm.connected:
+            return "fallback", "the daemon has no connection to the D-Bus system bus right now"
         try:
             verdict, text = await self.targeted.handle(request)
         except Exception:  # the per-event fence: log, let the hook act itself
@@ -197,8 +232,8 @@ class Daemon:
                     self.resident.forget_rules()
                 if any(e.link for e in events):
                     self.resident.forget_sysctls()  # a new link of the same name starts with defaults
-                for text in dict.fromkeys(e.text for e in events if e.resync):
-                    self.schedule(text)
+                for text in dict.fromkeys(e.text for e in events if e.resync or e.usable):
+                    self.schedule(text)  # (a usable address: a policy may wait for it, DAD done)
         finally:
             watch.close()
 
@@ -232,38 +267,115 @@ class Daemon:
             await asyncio.sleep(SAFETY_RESYNC_SECONDS)
             self.schedule("periodic check")  # a full re-sync: it forgets every remembered view
 
+    # ---- liveness ------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Ping the bus; tell systemd's watchdog we are alive only while it answers and no
+        re-sync is stuck. A bus that does not answer counts as lost."""
+        assert self._lost is not None
+        watchdog = watchdog_interval()
+        interval = watchdog or HEARTBEAT_SECONDS
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            nm = self.nm
+            if nm is None or not nm.connected:
+                continue  # the connection loop is reconnecting: not alive, no ping
+            try:
+                await nm.ping(timeout=min(interval, 10.0))
+            except NetworkManagerError as exc:
+                log.error("the D-Bus system bus does not answer (%s); reconnecting", exc)
+                self._lost.set()
+                continue
+            busy = self._busy_since
+            if busy is not None and time.monotonic() - busy > 2 * interval:
+                log.error("a re-sync has been running for %.0f s; not telling systemd we are alive",
+                          time.monotonic() - busy)
+                continue
+            if watchdog:
+                sd_notify("WATCHDOG=1")
+
+    # ---- the bus connection --------------------------------------------
+
+    async def _connect(self) -> None:
+        """Connect, subscribe, then learn NetworkManager's owner (subscribe first, then snapshot)."""
+        nm = await NetworkManagerBus().connect()
+        try:
+            nm.on_message(self._on_message)
+            await nm.add_match(f"type='signal',sender='{NM}'")
+            await nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                               f"arg0='{NM}'")
+            self.owner = await nm.name_owner()
+        except BaseException:
+            nm.disconnect()
+            raise
+        self.nm = nm
+        if self.targeted is not None:  # NetworkManager's object paths may mean other things now
+            self.targeted.nm = nm
+            self.targeted.forget()
+
+    async def _connect_with_backoff(self) -> bool:
+        """Connect, retrying with growing delays; False if asked to stop meanwhile."""
+        assert self._stop is not None
+        delay, since, attempts = BACKOFF_FIRST, time.monotonic(), 0
+        while not self.stopping:
+            try:
+                await self._connect()
+                if attempts:
+                    log.info("connected to the D-Bus system bus again after %.1f s", time.monotonic() - since)
+                return True
+            except NetworkManagerError as exc:
+                attempts += 1
+                (log.warning if attempts == 1 else log.debug)(
+                    "cannot connect to the D-Bus system bus (%s); retrying in %.1f s", exc, delay)
+            if await self._stopped_within(delay):
+                return False
+            delay = min(delay * 2, BACKOFF_MAX)
+        return False
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        assert self._stop is not None
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _follow(self) -> bool:
+        """Wait until the bus connection is lost (True) or we are asked to stop (False)."""
+        assert self.nm is not None and self._stop is not None and self._lost is not None
+        self._lost.clear()
+        waits = [asyncio.ensure_future(f) for f in
+                 (self.nm.wait_for_disconnect(), self._stop.wait(), self._lost.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waits:
+                fut.cancel()
+        return not self._stop.is_set()
+
     # ---- life cycle ----------------------------------------------------
 
     def _take_lock(self) -> None:
-        os.makedirs(self.engine.directory, exist_ok=True)
-        fd = os.open(os.path.join(self.engine.directory, "daemon.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        for attempt in range(20):  # the hook takes the lock for an instant to test it
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)
-        else:
-            os.close(fd)
-            raise PolicyRoutingError(
-                f"another nm-policy-routing daemon already runs (lock {self.engine.directory}/daemon.lock)")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        if self._lock_fd is None:
+            self._lock_fd = daemonlock.open_lock(self.engine.directory)
+        daemonlock.acquire(self._lock_fd, self.engine.directory)
+
+    def _drop_lock(self) -> None:
+        """Let the dispatcher hook do the work while we cannot follow NetworkManager."""
+        if self._lock_fd is not None:
+            daemonlock.release(self._lock_fd)
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.wake = asyncio.Event()
+        self.wake, self._stop, self._lost = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stop.set)
         self._take_lock()
-        self.nm = await NetworkManagerBus().connect()
-        self.nm.on_message(self._on_message)
-        await self.nm.add_match(f"type='signal',sender='{NM}'")
-        await self.nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
-                                f"arg0='{NM}'")
-        self.owner = await self.nm.name_owner()
+        if not await self._connect_with_backoff():
+            return
         threading.Thread(target=self._watch_netlink, name="netlink-watch", daemon=True).start()
         threading.Thread(target=self._watch_nftables, name="nftables-watch", daemon=True).start()
-        safety = asyncio.ensure_future(self._safety_net())
+        tasks = [asyncio.ensure_future(self._safety_net()), asyncio.ensure_future(self._heartbeat())]
         if self.owner:
             await self.resync()
         else:
@@ -273,21 +385,41 @@ class Daemon:
         self.handoff = HandoffServer(self.engine.directory, self._on_handoff)
         await self.handoff.start()
         worker = asyncio.ensure_future(self._resync_forever())
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, stop.set)
         sd_notify("READY=1\nSTATUS=following NetworkManager")
         log.info("nm-policy-routing daemon ready (NetworkManager is %s)", self.owner or "absent")
-        await stop.wait()
+        while await self._follow() and await self._reconnect():
+            pass
         log.info("stopping; the installed policies stay in place")
         sd_notify("STOPPING=1")
         self.handoff.close()
         self.stopping = True
         self.wake.set()
-        safety.cancel()
+        for task in tasks:
+            task.cancel()
         await worker
         await self.loop.run_in_executor(self.executor, self.resident.shutdown)
-        self.nm.disconnect()
+        if self.nm is not None:
+            self.nm.disconnect()
+
+    async def _reconnect(self) -> bool:
+        """The bus is lost: say so, step aside for the hook, reconnect, take the lock back, re-sync."""
+        log.error("lost the connection to the D-Bus system bus: NetworkManager's changes are not followed "
+                  "until it is back (the dispatcher hook acts meanwhile); reconnecting")
+        sd_notify("STATUS=reconnecting to the D-Bus system bus")
+        if self.nm is not None:
+            self.nm.disconnect()
+            self.nm = None
+        self.owner = None
+        self._drop_lock()
+        if not await self._connect_with_backoff():
+            return False
+        self._take_lock()
+        sd_notify("STATUS=following NetworkManager")
+        if self.owner:
+            self.schedule("reconnected to the bus")
+        else:
+            log.warning("NetworkManager is not running; waiting for it")
+        return True
 
 
 def run(engine: Engine) -> None:

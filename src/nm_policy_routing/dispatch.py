@@ -2,8 +2,12 @@
 
 Facts come from the environment first (IP variables on ``up``/``dhcp*-change``,
 ``CONNECTION_USER_*`` from NM 1.46) and from NetworkManager over D-Bus for what it
-lacks (user data on NM < 1.46, addresses on ``pre-up``). A ``down`` for a connection
+lacks (user data on NM < 1.46, addresses on ``pre-up``). For a VPN (``vpn-*`` events)
+the interface is the event's ``VPN_IP_IFACE`` (tun0), its addresses and gateway the
+``VPN_IP*_`` ones; a gateway ``0.0.0.0``/``::`` means none. A ``down`` for a connection
 that NetworkManager reports active again (a stale, queued event) removes nothing.
+An address still tentative (duplicate address detection) is left out and a detached,
+bounded wait (settle.py) re-applies when it is ready.
 Never raises: the hook must never block NetworkManager.
 """
 
@@ -12,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import replace
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .errors import NetworkManagerError
-from .model import Address, Connection
+from .model import Address, Connection, real_gateway
+from .story import tell
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ def user_data_from_env(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
 
 def _ip_from_env(env: Mapping[str, str], family: int) -> Tuple[List[Address], Optional[str]]:
     prefix = "VPN_IP%d_" % family if env.get("VPN_IP_IFACE") else "IP%d_" % family
-    addresses, gateway = [], env.get(prefix + "GATEWAY") or None
+    addresses, gateway = [], _gateway(env.get(prefix + "GATEWAY"), family)
     try:
         count = int(env.get(prefix + "NUM_ADDRESSES", "0") or "0")
     except ValueError:
@@ -71,9 +77,15 @@ def _ip_from_env(env: Mapping[str, str], family: int) -> Tuple[List[Address], Op
         except ValueError:
             log.warning("ignoring unreadable %sADDRESS_%d=%r", prefix, n, text)
             continue
-        if len(words) > 1 and words[1] not in ("0.0.0.0", "::") and not gateway:
-            gateway = words[1]
+        if len(words) > 1 and not gateway:
+            gateway = _gateway(words[1], family)
     return addresses, gateway
+
+
+def _gateway(text: Optional[str], family: int) -> Optional[str]:
+    """The event's gateway, or None: ``0.0.0.0``/``::`` (even ``VPN_IP6_GATEWAY=0.0.0.0``) mean none."""
+    gateway = real_gateway(text)
+    return gateway if gateway and (":" in gateway) == (family == 6) else None
 
 
 def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, str]]) -> Optional[Connection]:
@@ -112,6 +124,40 @@ async def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optiona
         nm.disconnect()
 
 
+async def _all_active() -> List[Connection]:
+    from .adapters.networkmanager import NetworkManagerBus
+
+    nm = await NetworkManagerBus().connect()
+    try:
+        return await nm.active_connections()
+    finally:
+        nm.disconnect()
+
+
+def _rebuild(action: str, uuid: str, engine) -> Optional[str]:
+    """A damaged record knows no other connection: one event would remove their policies as
+    stale. Re-apply every active connection instead (None: record fine or NetworkManager silent)."""
+    from .record import Record
+
+    if not Record.load(engine.directory).damaged:
+        return None
+    try:
+        conns = asyncio.run(_all_active())
+    except NetworkManagerError as exc:
+        log.warning("cannot list the active connections to rebuild the record (%s)", exc)
+        return None
+    if action in REMOVE:
+        conns = [c for c in conns if c.uuid != uuid]
+    result = engine.reconcile(conns)
+    tell(result)
+    if result.waiting and not getattr(engine, "dry_run", False):
+        from .settle import start
+
+        for waiting in result.waiting:
+            start(engine.directory, waiting)
+    return f"{action} for {uuid}: the record was damaged; rebuilt from {len(conns)} active connections"
+
+
 def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     """Process one event; returns a one-line outcome (for the log)."""
     uuid = env.get("CONNECTION_UUID", "")
@@ -122,32 +168,50 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if env.get("CONNECTION_EXTERNAL") == "1":
         return f"{action} on {iface}: external connection, not ours to manage"
     from .adapters.networkmanager import ACTIVATED, ACTIVATING
+    from .journal import about, named
 
+    event = Connection(uuid=uuid, id=env.get("CONNECTION_ID", uuid), iface=env.get("DEVICE_IP_IFACE") or iface)
     try:
         state, bus_facts = asyncio.run(_from_bus(uuid, with_facts=action in ENSURE))
         bus_ok = True
     except NetworkManagerError as exc:
-        log.warning("NetworkManager is not reachable over D-Bus (%s); using the event's environment", exc)
+        log.warning("%s: %s: NetworkManager is not reachable over D-Bus (%s); using the event's environment",
+                    named(event), action, exc, extra=about(event))
         state, bus_facts, bus_ok = None, None, False
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
             return f"{action} for {uuid}: stale (NetworkManager reports it active again), kept"
-        engine.remove(uuid)
+        rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
+        if rebuilt:
+            return rebuilt
+        tell(engine.remove(uuid))
         return f"{action}: removed the policy of {uuid}"
     if bus_ok and state not in (ACTIVATING, ACTIVATED):
         return f"{action} for {uuid}: stale (no longer active), ignored"
+    rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
+    if rebuilt:
+        return rebuilt
     user = user_data_from_env(env) or (dict(bus_facts.user_data) if bus_facts else None)
     if user is None and not bus_ok:
-        log.error("%s for %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
+        log.error("%s: %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
                   "left as it was. Start dbus/NetworkManager, then run 'nm-policy-routing apply'.",
-                  action, uuid)
+                  named(event), action, extra=about(event))
         return f"{action} for {uuid}: policy unknown, left as it was"
     env_facts = facts_from_env(iface, env, user)
     conn = bus_facts if bus_facts and bus_facts.addresses else env_facts or bus_facts
+    if conn is not None and env.get("VPN_IP_IFACE") and conn.iface != env["VPN_IP_IFACE"]:
+        # a VPN's own interface (tun0) is the event's word; D-Bus names it only when
+        # NetworkManager has a device for it (see NetworkManagerBus.facts)
+        conn = replace(conn, iface=env["VPN_IP_IFACE"])
     if conn is None:
         return f"{action} for {uuid}: no facts, nothing to do"
     result = engine.ensure(conn)
+    tell(result)
     cp = result.plan_of(uuid)
-    for error in cp.errors if cp else ():
-        log.error("%s", error)
+    if result.waiting.get(uuid) and not getattr(engine, "dry_run", False):
+        from .settle import start
+
+        start(engine.directory, uuid)  # nothing else calls us when DAD is done: a detached wait does
+        return (f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}, waiting for "
+                f"{', '.join(result.waiting[uuid])} (duplicate address detection)")
     return f"{action} for {conn.label} on {conn.iface}: {cp.status if cp else '?'}"

@@ -72,6 +72,18 @@ def _parse_address(text: str) -> Tuple[str, int]:
     return str(iface.ip), iface.network.prefixlen
 
 
+def real_gateway(text: Optional[str]) -> Optional[str]:
+    """A gateway as NetworkManager gives it -> the address, or None when there is none.
+
+    ``0.0.0.0`` and ``::`` mean none (a never-default VPN's ``VPN_IP4_GATEWAY``; NetworkManager
+    even writes ``VPN_IP6_GATEWAY=0.0.0.0``), and so do an empty or unreadable value."""
+    try:
+        address = ipaddress.ip_address((text or "").strip())
+    except ValueError:
+        return None
+    return None if address.is_unspecified else str(address)
+
+
 @dataclass(frozen=True)
 class Connection:
     """What the planner needs to know of one active connection."""
@@ -178,11 +190,16 @@ class Rule:
     fwmask: int = 0
     src: Optional[str] = None
     src_len: int = 0
+    #: only packets arriving on this interface (forwarded ones: a local or reverse-path
+    #: lookup has iif lo)
+    iif: Optional[str] = None
 
     def __str__(self) -> str:
         sel = []
         if self.src:
             sel.append(f"from {self.src}/{self.src_len}")
+        if self.iif:
+            sel.append(f"iif {self.iif}")
         if self.fwmask:
             sel.append(f"fwmark 0x{self.fwmark:x}/0x{self.fwmask:x}")
         return f"-{self.family} rule priority {self.priority} {' '.join(sel) or 'all'} table {self.table}"
@@ -294,6 +311,10 @@ class ForeignUsage:
     priorities: FrozenSet[Tuple[int, int]] = frozenset()
     #: mark bits used by foreign rules or nft tables, with who uses them
     marks: Tuple[Tuple[Fwmark, str], ...] = ()
+    #: foreign nft rules that write all 32 mark bits (who: what), reported, not avoidable
+    mark_writers: Tuple[str, ...] = ()
+    #: foreign strict reverse-path filters before our marking: (family, who)
+    early_rpfilter: Tuple[Tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -237,39 +237,157 @@ def parse_expected(marks: Iterable[Mark]) -> Dict[str, Any]:
 
 # ---- foreign mark usage ----------------------------------------------------
 
+#: iptables-nft targets that write marks; their arguments are opaque in JSON
+XT_MARK_TARGETS = ("MARK", "CONNMARK", "TPROXY")
+#: the priority of our prerouting chain: a foreign chain before it sees no mark of ours
+OUR_PREROUTING_PRIO = -150
 
-def _touched(value: Any) -> Optional[Fwmark]:
-    """Which mark bits a foreign ``mark set`` writes: exact value, or touched bits (value -1)."""
+
+def _is_mark(expr: Any, key: str) -> bool:
+    return expr == {key: {"key": "mark"}}
+
+
+def _touched(key: str, value: Any) -> Tuple[int, Optional[int]]:
+    """(bits written, value or None) of ``KEY mark set VALUE``: ``& keep``, ``| v``, ``^ v``
+    on KEY mark itself touch only those bits; a constant writes all 32 bits with that
+    value; anything else (the other mark, a map, a number generator) writes all bits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return U32, value & U32
+    if _is_mark(value, key):
+        return 0, None
+    if isinstance(value, dict) and len(value) == 1:
+        op, args = next(iter(value.items()))
+        if op in ("|", "^", "&") and isinstance(args, list) and len(args) == 2 and isinstance(args[1], int):
+            inner, _ = _touched(key, args[0])
+            bits = ~args[1] & U32 if op == "&" else args[1] & U32
+            return inner | bits, None
+    return U32, None
+
+
+def _describe(key: str, value: Any) -> str:
     if isinstance(value, int):
-        return Fwmark(value, U32)
-    if isinstance(value, dict):
-        for op in ("|", "^"):
-            if op in value:
-                left, right = value[op]
-                if isinstance(right, int):
-                    return Fwmark(-1, right)
-        if "&" in value:
-            left, right = value["&"]
-            if isinstance(right, int):
-                return Fwmark(-1, ~right & U32)
-    return None
+        return f"{key} mark set 0x{value:x}"
+    for other in ("meta", "ct"):
+        if _is_mark(value, other):
+            return f"{key} mark set {other} mark"
+    return f"{key} mark set <expression>"
+
+
+def _rule_writes(rule: Dict[str, Any]) -> List[Tuple[int, Optional[int], str]]:
+    """Each mark write of one rule: (bits, value or None, what it does)."""
+    out = []
+    for stmt in rule.get("expr", []):
+        if not isinstance(stmt, dict):
+            continue
+        if "xt" in stmt:
+            xt = stmt["xt"] or {}
+            name = xt.get("name") if isinstance(xt, dict) else None
+            if not isinstance(xt, dict) or xt.get("type") == "target" and (name is None or name in XT_MARK_TARGETS):
+                out.append((U32, None, f"iptables-nft target {name or '(unknown)'} (its mask is not visible)"))
+            continue
+        mangle = stmt.get("mangle")
+        if not isinstance(mangle, dict):
+            continue
+        key = next((k for k in ("meta", "ct") if _is_mark(mangle.get("key"), k)), None)
+        if key is None:
+            continue
+        bits, value = _touched(key, mangle.get("value"))
+        if bits:
+            out.append((bits, value, _describe(key, mangle.get("value"))))
+    return out
+
+
+def _foreign_rules(ruleset: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rules = []
+    for item in ruleset.get("nftables", []):
+        rule = item.get("rule")
+        if rule and (rule.get("family"), rule.get("table")) != (FAMILY, NFT_TABLE):
+            rules.append(rule)
+    return rules
+
+
+def _owner(rule: Dict[str, Any]) -> str:
+    return nft_owner(str(rule.get("family")), str(rule.get("table")), str(rule.get("chain")))
 
 
 def foreign_marks(ruleset: Dict[str, Any]) -> List[Tuple[Fwmark, str]]:
-    """Mark bits that other nft tables write (``meta mark set``/``ct mark set`` with constants)."""
+    """Mark bits other nft tables manage (masked writes) or values they write (constants):
+    the allocation avoids them and an explicit fwmark that overlaps is a conflict."""
     found: List[Tuple[Fwmark, str]] = []
+    for rule in _foreign_rules(ruleset):
+        for bits, value, _ in _rule_writes(rule):
+            if bits != U32:
+                found.append((Fwmark(-1, bits), _owner(rule)))
+            elif value is not None:
+                found.append((Fwmark(value, U32), _owner(rule)))
+    return found
+
+
+def all_bit_writers(ruleset: Dict[str, Any]) -> List[str]:
+    """Foreign rules that write all 32 mark bits (a constant, a copy of the other mark,
+    an iptables-nft MARK/CONNMARK target): any policy's mark is lost on the packets they
+    match. No allocation can avoid them; they are reported."""
+    found = []
+    for rule in _foreign_rules(ruleset):
+        for bits, _, what in _rule_writes(rule):
+            if bits == U32:
+                found.append(f"{_owner(rule)}: {what}")
+    return found
+
+
+def _families_of(rule: Dict[str, Any]) -> Tuple[int, ...]:
+    family = rule.get("family")
+    if family in ("ip", "ip6"):
+        return (4,) if family == "ip" else (6,)
+    for stmt in rule.get("expr", []):
+        match = stmt.get("match") if isinstance(stmt, dict) else None
+        if match and match.get("left") == {"meta": {"key": "nfproto"}} and match.get("op") == "==":
+            return {"ipv4": (4,), "ipv6": (6,)}.get(match.get("right"), (4, 6))
+    return (4, 6)
+
+
+def _strict_rpfilter(rule: Dict[str, Any]) -> bool:
+    """``fib saddr . iif oif missing drop`` (firewalld's strict IPv6 reverse-path filter)."""
+    exprs = [s for s in rule.get("expr", []) if isinstance(s, dict)]
+    if not any("drop" in s for s in exprs):
+        return False
+    for stmt in exprs:
+        match = stmt.get("match") or {}
+        fib = match.get("left", {}).get("fib") if isinstance(match.get("left"), dict) else None
+        if fib and fib.get("result") == "oif" and {"saddr", "iif"} <= set(fib.get("flags", [])) \
+                and match.get("right") in (False, "missing", 0) and match.get("op") in ("==", None):
+            return True
+    return False
+
+
+def _jumps(rule: Dict[str, Any]) -> List[str]:
+    targets = []
+    for stmt in rule.get("expr", []):
+        for verdict in ("jump", "goto"):
+            if isinstance(stmt, dict) and isinstance(stmt.get(verdict), dict):
+                targets.append(str(stmt[verdict].get("target")))
+    return targets
+
+
+def early_rpfilter(ruleset: Dict[str, Any]) -> List[Tuple[int, str]]:
+    """(family, owner) of foreign strict reverse-path filters that run in prerouting before
+    our marking (in a base chain of lower priority, or a chain it jumps to): they drop what
+    an incoming policy is for before it is marked."""
+    rules = _foreign_rules(ruleset)
+    early = set()
     for item in ruleset.get("nftables", []):
-        rule = item.get("rule")
-        if not rule or (rule.get("family"), rule.get("table")) == (FAMILY, NFT_TABLE):
-            continue
-        for stmt in rule.get("expr", []):
-            mangle = stmt.get("mangle") if isinstance(stmt, dict) else None
-            if not mangle or not isinstance(mangle.get("key"), dict):
-                continue
-            if not any(k in mangle["key"] and mangle["key"][k].get("key") == "mark" for k in ("meta", "ct")):
-                continue
-            fw = _touched(mangle.get("value"))
-            if fw is not None and fw.mask:
-                owner = nft_owner(str(rule.get("family")), str(rule.get("table")), str(rule.get("chain")))
-                found.append((fw, owner))
+        chain = item.get("chain")
+        if chain and chain.get("hook") == "prerouting" and isinstance(chain.get("prio"), int) \
+                and chain["prio"] < OUR_PREROUTING_PRIO:
+            early.add((chain.get("family"), chain.get("table"), chain.get("name")))
+    grown = True
+    while grown:  # chains reached by jump/goto from an early chain run early too
+        reached = {(r.get("family"), r.get("table"), target) for r in rules
+                   if (r.get("family"), r.get("table"), r.get("chain")) in early for target in _jumps(r)}
+        grown = not reached <= early
+        early |= reached
+    found = []
+    for rule in rules:
+        if (rule.get("family"), rule.get("table"), rule.get("chain")) in early and _strict_rpfilter(rule):
+            found += [(family, _owner(rule)) for family in _families_of(rule)]
     return found

@@ -4,6 +4,8 @@ Pure: plain data in, plain data out, no I/O. ``auto`` tables, priorities and mar
 are deterministic per connection UUID, keep the allocation a connection had before
 (so one connection's arrival never moves another's), and avoid what foreign owners
 use. A connection whose policy is invalid or conflicts gets an error and no entries.
+Never evict: a connection that holds an allocation (its policy is applied) keeps its
+interface, table, priority and mark; a newcomer claiming one of them is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -32,6 +35,7 @@ from .model import (
     Route,
     Rule,
     Sysctl,
+    real_gateway,
 )
 from .policy import parse_policy
 
@@ -39,8 +43,11 @@ if TYPE_CHECKING:
     from .config import Defaults
 
 RP_FILTER = {"off": 0, "strict": 1, "loose": 2}
+MAIN_TABLE = 254
 _IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
+#: said of the holder in a conflict: an applied policy is never evicted
+_KEPT = ", which keeps it"
 
 
 @dataclass(frozen=True)
@@ -59,10 +66,25 @@ class Plan:
         return next((cp for cp in self.connections if cp.connection.uuid == uuid), None)
 
 
+@functools.lru_cache(maxsize=1)
+def rules_stamp() -> str:
+    """Which validation rules a cached policy passed: a hash of the code that states them, so a
+    new version re-validates every cached policy (no pydantic import: the hook uses the cache)."""
+    digest = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("policy.py", "model.py"):
+        try:
+            with open(os.path.join(here, name), "rb") as handle:
+                digest.update(handle.read())
+        except OSError:
+            digest.update(os.urandom(8))  # unknown rules: never trust the cache
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=4096)
 def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
-    """What a validated policy is remembered by: its inputs."""
-    text = json.dumps([user_data, defaults], separators=(",", ":"))
+    """What a validated policy is remembered by: its inputs and the rules it was validated by."""
+    text = json.dumps([user_data, defaults, rules_stamp()], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -125,11 +147,11 @@ class _Allocator:
             if mask == mark.mask:
                 other = values.get(mark.value & mark.mask)
                 if other is not None:
-                    return f"fwmark {mark} overlaps {other[0]} of connection {other[1]}"
+                    return f"fwmark {mark} overlaps {other[0]} of connection {other[1]}{_KEPT}"
                 continue
             for other, owner in values.values():
                 if other.overlaps(mark):
-                    return f"fwmark {mark} overlaps {other} of connection {owner}"
+                    return f"fwmark {mark} overlaps {other} of connection {owner}{_KEPT}"
         return None
 
     def explicit(self, label: str, policy: Policy, previous: Optional[Allocation]) -> List[str]:
@@ -141,14 +163,16 @@ class _Allocator:
                                 "choose another nm-policy-routing.table or 'auto'")
             elif policy.table in self.tables:
                 problems.append(f"table {policy.table} is already used by connection "
-                                f"{self.tables[policy.table]}")
+                                f"{self.tables[policy.table]}{_KEPT}; choose another "
+                                "nm-policy-routing.table or 'auto'")
         if policy.priority is not None:
             if policy.priority in self.foreign_priorities:
                 problems.append(f"rule priority {policy.priority} already holds rules that are not "
                                 "ours; choose another nm-policy-routing.priority or 'auto'")
             elif policy.priority in self.priorities:
                 problems.append(f"rule priority {policy.priority} is already used by connection "
-                                f"{self.priorities[policy.priority]}")
+                                f"{self.priorities[policy.priority]}{_KEPT}; choose another "
+                                "nm-policy-routing.priority or 'auto'")
         if policy.fwmark is not None and policy.uses_marks:
             clash = self.mark_clash(policy.fwmark)
             if clash:
@@ -209,12 +233,37 @@ class _Allocator:
         return None
 
 
+def _nft_unsafe(iface: str) -> Optional[str]:
+    """Why nft would not read this (kernel-valid) name literally, or None.
+
+    In an ``ifname`` element ``*`` makes a prefix wildcard (refused by a map without the
+    interval flag: the whole transaction fails), ``\\`` escapes the next character (``x\\*``
+    reads back as ``x*`` and never matches) and a leading ``@`` names a set."""
+    if "*" in iface:
+        return "contains '*' (nft's wildcard)"
+    if "\\" in iface:
+        return "contains '\\' (nft's escape character)"
+    if iface.startswith("@"):
+        return "starts with '@' (nft's set reference)"
+    return None
+
+
 def _families(conn: Connection, policy: Policy) -> List[int]:
     return [f for f in (4, 6) if policy.wants_family(f) and _usable(conn.addresses_of(f))]
 
 
 def _usable(addresses: Iterable[Address]) -> Tuple[Address, ...]:
     return tuple(a for a in addresses if not a.link_local)
+
+
+def forward_rule(family: int, iface: str, alloc: Allocation) -> Rule:
+    """Just before the mark rule: marked packets that arrive on ``iface`` and are forwarded
+    (a port published by DNAT to a container) are routed by the main table, as without
+    the policy. Local delivery is decided earlier (the local table), and the reverse-path
+    check and locally sent or forwarded replies look up with another iif, so they still
+    take the connection's table."""
+    assert alloc.fwmark is not None
+    return Rule(family, alloc.priority - 1, MAIN_TABLE, alloc.fwmark.value, alloc.fwmark.mask, iif=iface)
 
 
 def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelState:
@@ -228,17 +277,24 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
     for family in families:
         addrs = _usable(conn.addresses_of(family))
         primary = addrs[0].ip
+        # one route per destination (the kernel keeps one per table and prefix): addresses
+        # sharing a prefix (a second address, a VIP, SLAAC + privacy) share its route, whose
+        # src is the first of them; the connected routes win over a policy route to the same prefix
+        by_dst: Dict[str, Route] = {}
         for addr in addrs:
             if addr.prefixlen < (32 if family == 4 else 128):
-                routes.add(Route(family, t, addr.network, iface, None, addr.ip))
-        gateway = conn.gateway_of(family)
-        if gateway:
-            routes.add(Route(family, t, _DEFAULT[family], iface, gateway, primary))
+                by_dst.setdefault(addr.network, Route(family, t, addr.network, iface, None, addr.ip))
+        # without a gateway (never-default VPN, ppp, tun, WireGuard): an on-link default
+        by_dst.setdefault(_DEFAULT[family], Route(family, t, _DEFAULT[family], iface,
+                                                  real_gateway(conn.gateway_of(family)), primary))
         for extra in policy.routes:
             if extra.family == family:
-                routes.add(Route(family, t, extra.prefix, iface, extra.via, primary))
+                by_dst.setdefault(extra.prefix, Route(family, t, extra.prefix, iface, extra.via, primary))
+        routes.update(by_dst.values())
         if alloc.fwmark is not None:
             rules.add(Rule(family, p, t, alloc.fwmark.value, alloc.fwmark.mask))
+            if "incoming" in policy.match:
+                rules.add(forward_rule(family, iface, alloc))
         if "source" in policy.match:
             for addr in addrs:
                 rules.add(Rule(family, p, t, src=addr.ip, src_len=32 if family == 4 else 128))
@@ -269,7 +325,9 @@ def plan(
     results: Dict[str, ConnectionPlan] = {}
     enabled: List[Tuple[Connection, Policy]] = []
     seen_ifaces: Dict[str, str] = {}
-    for conn in sorted(connections, key=lambda c: c.uuid):
+    # incumbents (connections that hold an allocation: their policy is applied) come first,
+    # so a newcomer never takes what they hold
+    for conn in sorted(connections, key=lambda c: (c.uuid not in previous, c.uuid)):
         try:
             policy = _policy(conn, tuple(sorted(defaults.for_connection(conn).items())) if defaults else (),
                              policy_cache)
@@ -282,20 +340,24 @@ def plan(
         problems = []
         if not _IFNAME.match(conn.iface or ""):
             problems.append(f"interface name {conn.iface!r} is not a valid Linux interface name")
+        elif policy.uses_marks and _nft_unsafe(conn.iface):
+            problems.append(f"interface name {conn.iface!r} {_nft_unsafe(conn.iface)}, so nftables cannot "
+                            "match it literally; rename the interface (connection.interface-name) to use "
+                            "a policy on it")
         elif conn.iface in seen_ifaces:
             problems.append(f"interface {conn.iface} already carries the policy of connection "
-                            f"{seen_ifaces[conn.iface]}")
+                            f"{seen_ifaces[conn.iface]}{_KEPT}; one policy per interface")
         if problems:
-            results[conn.uuid] = ConnectionPlan(conn, policy, errors=tuple(problems), status="conflict")
+            results[conn.uuid] = _refused(conn, policy, problems)
             continue
         seen_ifaces[conn.iface] = conn.label
         enabled.append((conn, policy))
 
     alloc = _Allocator(foreign)
-    # explicit values first, then autos that had an allocation, then new autos
+    # incumbents first (never evicted), then explicit values, then autos
     order = sorted(enabled, key=lambda cp: (
-        not (cp[1].table or cp[1].priority or cp[1].fwmark),
         cp[0].uuid not in previous,
+        not (cp[1].table or cp[1].priority or cp[1].fwmark),
         cp[0].uuid,
     ))
     for conn, policy in order:
@@ -304,12 +366,18 @@ def plan(
         if not problems:
             allocation, problems = alloc.take(conn.label, policy, previous.get(conn.uuid), conn.uuid)
         if problems or allocation is None:
-            results[conn.uuid] = ConnectionPlan(conn, policy, errors=tuple(problems), status="conflict")
+            results[conn.uuid] = _refused(conn, policy, problems)
             continue
         state = entries_for(conn, policy, allocation)
         results[conn.uuid] = ConnectionPlan(conn, policy, allocation, state)
     return Plan(tuple(results[c.uuid] for c in sorted(connections, key=lambda c: c.uuid)
                       if c.uuid in results))
+
+
+def _refused(conn: Connection, policy: Policy, problems: Sequence[str]) -> ConnectionPlan:
+    """A conflict: the connection gets no entries, and messages that name it."""
+    errors = tuple(f"connection {conn.label} on {conn.iface or '?'} is refused: {p}" for p in problems)
+    return ConnectionPlan(conn, policy, errors=errors, status="conflict")
 
 
 def with_status(cp: ConnectionPlan, status: str, errors: Sequence[str]) -> ConnectionPlan:

@@ -12,14 +12,18 @@ sysctls restored to the value recorded before we first changed them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, Union
 
+from .caveats import caveats
 from .errors import KernelError, PolicyRoutingError, VerifyError
 from .faults import fault_point
+from .journal import about, named
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from .planner import plan, with_status
-from .record import Record, locked, state_dir
+from .record import Record, allocations_from_kernel, locked, state_dir
+from .rollback import roll_back, route_key, slot, undo_adds
+from .story import owners_of
 
 if TYPE_CHECKING:
     from .config import Defaults
@@ -28,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: validated policies of connections no longer active that the record keeps
 KEEP_UNUSED_POLICIES = 32
+#: reads the active connections (None: unknown, re-apply the recorded ones); see Engine.reconcile
+Snapshot = Callable[[], Optional[Sequence[Connection]]]
 
 
 class Kernel(Protocol):
@@ -36,6 +42,7 @@ class Kernel(Protocol):
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState: ...
     def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]: ...
+    def unusable_addresses(self) -> Set[str]: ...
     def foreign(self) -> ForeignUsage: ...
     def write_sysctl(self, entry: Sysctl) -> None: ...
     def add_route(self, route: Route) -> None: ...
@@ -47,10 +54,6 @@ class Kernel(Protocol):
     def close(self) -> None: ...
 
 
-def slot(entry: Sysctl) -> str:
-    return "/".join(entry.slot)
-
-
 @dataclass
 class Result:
     """What one reconcile did and how each connection ended."""
@@ -59,6 +62,16 @@ class Result:
     changes: List[str] = field(default_factory=list)
     #: with dry_run: the equivalent shell commands, in order
     commands: List[str] = field(default_factory=list)
+    #: uuid -> addresses left out because the kernel does not take them as a source yet
+    waiting: Dict[str, List[str]] = field(default_factory=dict)
+    #: each change with the connection it belongs to (None: shared by all, e.g. the nft table rewritten)
+    attributed: List[Tuple[Optional[Connection], str]] = field(default_factory=list)
+    owner: Callable[[Any], Optional[Connection]] = field(default=lambda entry: None, repr=False)
+
+    def change(self, text: str, entry: Any = None) -> None:
+        """Record a change made to the kernel; ``entry`` tells whose it is."""
+        self.changes.append(text)
+        self.attributed.append((self.owner(entry) if entry is not None else None, text))
 
     @property
     def errors(self) -> Dict[str, List[str]]:
@@ -77,10 +90,8 @@ class Inspection:
     drift: Dict[str, List[str]]
     stray: List[str]
     foreign: ForeignUsage
-
-
-def _route_key(route: Route) -> tuple:
-    return (route.family, route.table, route.dst)
+    #: per connection: settings in place that cannot take effect, and why
+    caveats: Dict[str, List[str]] = field(default_factory=dict)
 
 
 class Engine:
@@ -122,13 +133,16 @@ class Engine:
 
     # ---- doors ---------------------------------------------------------
 
-    def reconcile(self, connections: Optional[Sequence[Connection]] = None) -> Result:
+    def reconcile(self, connections: Union[Snapshot, Optional[Sequence[Connection]]] = None) -> Result:
         """Make the kernel hold exactly the policies of ``connections`` (all active ones).
 
-        ``None`` re-applies the connections already recorded (repair drift).
+        ``None`` re-applies the connections already recorded (repair drift). A callable is
+        called with the lock held and its snapshot used the same way: no other door's change
+        (the hook's ``up`` or ``down``) can land between the read and this reconcile.
         """
         def update(known: Dict[str, Connection]) -> Dict[str, Connection]:
-            return known if connections is None else {c.uuid: c for c in connections}
+            conns = connections() if callable(connections) else connections
+            return known if conns is None else {c.uuid: c for c in conns}
         return self._run(update)
 
     def ensure(self, conn: Connection) -> Result:
@@ -152,9 +166,12 @@ class Engine:
                 current = kernel.read(record.sysctl_originals())
                 foreign = kernel.foreign()
                 nft_intact = kernel.nft_intact
+                rp_all = kernel.read_sysctl("ipv4", "all", "rp_filter")
+                # foreign tables are looked up lazily: plan while the kernel is open
+                the_plan = plan(list(record.connections().values()), foreign, record.allocations(),
+                                self.defaults())
             finally:
                 kernel.close()
-        the_plan = plan(list(record.connections().values()), foreign, record.allocations(), self.defaults())
         drift: Dict[str, List[str]] = {}
         wanted = KernelState()
         for cp in the_plan.connections:
@@ -167,7 +184,9 @@ class Engine:
                 drift[cp.connection.uuid] = lines
         stray = [f"not wanted by any policy: {e}" for e in (current - wanted).entries()
                  if not isinstance(e, Sysctl)]
-        return Inspection(list(the_plan.connections), current, drift, stray, foreign)
+        notes = {cp.connection.uuid: caveats(cp, foreign, rp_all) for cp in the_plan.connections}
+        return Inspection(list(the_plan.connections), current, drift, stray, foreign,
+                          {uuid: lines for uuid, lines in notes.items() if lines})
 
     def known(self) -> Dict[str, Connection]:
         return Record.load(self.directory).connections()
@@ -191,10 +210,21 @@ class Engine:
                 kernel.close()
 
     def _reconcile(self, kernel: Kernel, record: Record, conns: Dict[str, Connection]) -> Result:
+        known_before = record.connections()
         originals = record.sysctl_originals()
         before = kernel.read(originals)
         cache = record.policies()
-        the_plan = plan(list(conns.values()), kernel.foreign(), record.allocations(), self.defaults(), cache)
+        previous = record.allocations()
+        if record.damaged:  # rebuilt: keep the tables and marks our tagged entries show
+            by_iface = allocations_from_kernel(before)
+            previous = {**{c.uuid: by_iface[c.iface] for c in conns.values() if c.iface in by_iface}, **previous}
+        result = Result()
+        held = self._held_back(kernel, conns, result)
+        planned = [replace(c, addresses=tuple(a for a in c.addresses if a.ip not in held.get(c.uuid, ())))
+                   for c in conns.values()]
+        foreign = kernel.foreign()
+        the_plan = plan(planned, foreign, previous, self.defaults(), cache)
+        result.owner = owners_of(known_before, previous, the_plan.connections)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
         # the policies in use, and a few of connections gone (they come back: no pydantic then)
         spare = [k for k, p in cache.items() if p not in used][-KEEP_UNUSED_POLICIES:]
@@ -204,7 +234,6 @@ class Engine:
                                 **the_plan.allocations})
         self._record_originals(kernel, record, the_plan.desired.sysctls)
         record.save()  # allocations and originals first: a crash mid-apply restarts from here
-        result = Result()
         plans: List[ConnectionPlan] = []
         added: Dict[str, KernelState] = {}
         current = before
@@ -212,39 +241,71 @@ class Engine:
             if cp.status != "ok" or not cp.state:
                 plans.append(cp)
                 continue
-            todo = cp.state - current
-            try:
-                self._add(kernel, record, todo, result)
-            except PolicyRoutingError as exc:
-                self._undo_adds(kernel, record, todo, before, result)
-                log.error("%s", _failed(cp, exc))
-                plans.append(with_status(cp, "error", [_failed(cp, exc)]))
+            kept, failures = KernelState(), []
+            for family in (4, 6):  # one family's failure never takes the other down
+                part = _family_part(cp.state, family)
+                todo = part - current
+                try:
+                    self._add(kernel, record, todo, result)
+                except PolicyRoutingError as exc:
+                    undo_adds(kernel, record, todo, before, result)
+                    failures.append(f"IPv{family}: {exc}")
+                    continue
+                added[cp.connection.uuid] = added.get(cp.connection.uuid, KernelState()) | todo
+                if todo:  # (a union copies every set: only when there is something to add)
+                    current = current | todo
+                kept = kept | part
+            if failures and not (kept.rules or kept.routes):  # the caller logs the error (story.py)
+                plans.append(with_status(cp, "error", [_failed(cp, "; ".join(failures))]))
                 continue
-            added[cp.connection.uuid] = todo
-            if todo:  # (a union copies every set: only when there is something to add)
-                current = current | todo
+            if failures:
+                message = _failed_family(cp, failures)
+                cp = replace(cp, state=kept | KernelState(marks=cp.state.marks), errors=(message,))
             plans.append(cp)
         target = KernelState.union(cp.state for cp in plans if cp.status == "ok")
         try:
             self._set_marks(kernel, before, target, result)
         except PolicyRoutingError as exc:
             for todo in added.values():
-                self._undo_adds(kernel, record, todo, before, result)
+                undo_adds(kernel, record, todo, before, result)
             plans = [with_status(cp, "error", [_failed(cp, exc)]) if cp.status == "ok" and cp.state - before
                      else cp for cp in plans]  # a policy already in place stays applied
             target = before  # keep what was there (the other policies keep working); add nothing
-        self._remove_stale(kernel, record, current, target, result)
+        restored: List[str] = []
         try:
-            if not self.dry_run and result.changes:  # without a change, the read above verified it
-                self._verify(kernel, record, target)
-        except VerifyError:
-            self._rollback(kernel, record, before)
+            self._remove_stale(kernel, record, current, target, result, restored)
+            if not self.dry_run:
+                fault_point("verify")
+                if result.changes:  # without a change, the read above verified it
+                    self._verify(kernel, record, target)
+        except PolicyRoutingError:
+            roll_back(kernel, record, before)
             record.save()
             raise
+        for key in restored:  # verified: the originals of what we restored are no longer needed
+            record.data["sysctls"].pop(key, None)
         result.plans = plans
+        self._log_caveats(kernel, [cp for cp in plans if added.get(cp.connection.uuid)], foreign)
         self._record_outcomes(record, plans)
         record.save()
         return result
+
+    @staticmethod
+    def _held_back(kernel: Kernel, conns: Dict[str, Connection], result: Result) -> Dict[str, List[str]]:
+        """uuid -> its addresses the kernel will not take as a source yet (tentative: duplicate
+        address detection runs) or at all (DAD failed). They are planned without, and come in
+        by a later reconcile (the daemon on the address's notification; the hook's settle)."""
+        if not any(c.addresses for c in conns.values()):
+            return {}
+        reader = getattr(kernel, "unusable_addresses", None)  # a kernel model without it has none
+        unusable = reader() if reader else set()
+        for conn in conns.values():
+            waiting = [a.ip for a in conn.addresses if a.ip in unusable]
+            if waiting:
+                result.waiting[conn.uuid] = waiting
+                log.info("connection %s on %s: address %s is not usable yet (duplicate address detection); "
+                         "the policy for it follows when it is", conn.label, conn.iface, ", ".join(waiting))
+        return result.waiting
 
     def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:
         """Remember each sysctl's value before we first change it (the caller saves the record
@@ -265,34 +326,15 @@ class Engine:
                 continue
             fault_point("sysctl")
             kernel.write_sysctl(entry)
-            result.changes.append(f"set {entry}")
+            result.change(f"set {entry}", entry)
         for route in sorted(todo.routes):
             fault_point("route")
             kernel.add_route(route)
-            result.changes.append(f"add {route}")
+            result.change(f"add {route}", route)
         for rule in sorted(todo.rules):
             fault_point("rule")
             kernel.add_rule(rule)
-            result.changes.append(f"add {rule}")
-
-    def _undo_adds(self, kernel: Kernel, record: Record, todo: KernelState, before: KernelState,
-                   result: Result) -> None:
-        """Best effort: take back a connection's adds that were not there before."""
-        for rule in sorted(todo.rules - before.rules):
-            _quietly(kernel.del_rule, rule)
-        kept = {_route_key(r) for r in before.routes}
-        for route in sorted(todo.routes - before.routes):
-            if _route_key(route) not in kept:
-                _quietly(kernel.del_route, route)
-        prior = {slot(s): s.value for s in before.sysctls}
-        for entry in sorted(todo.sysctls):
-            key = slot(entry)
-            value = prior.get(key, record.data["sysctls"].get(key))
-            if value is not None:
-                _quietly(kernel.write_sysctl, Sysctl(entry.family, entry.iface, entry.key, int(value)))
-            if key not in prior:
-                record.data["sysctls"].pop(key, None)
-        result.changes.append("rolled back a connection's partial changes")
+            result.change(f"add {rule}", rule)
 
     def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result) -> None:
         if target.marks == before.marks and kernel.nft_intact:
@@ -300,47 +342,46 @@ class Engine:
         fault_point("nft")
         kernel.set_marks(target.marks)
         result.changes.append(f"nft table: {len(target.marks)} marking entries")
+        added, removed = sorted(target.marks - before.marks), sorted(before.marks - target.marks)
+        for mark_entry in added:
+            result.attributed.append((result.owner(mark_entry), f"add {mark_entry}"))
+        for mark_entry in removed:
+            result.attributed.append((result.owner(mark_entry), f"delete {mark_entry}"))
+        if not added and not removed:
+            result.attributed.append((None, f"nft table rewritten: {len(target.marks)} marking entries"))
         gone = {Fwmark(m.value, m.mask) for m in before.marks} - {Fwmark(m.value, m.mask) for m in target.marks}
         for mark in sorted(gone, key=lambda f: (f.mask, f.value)):
             fault_point("conntrack")
             kernel.flush_conntrack(mark)  # its flows re-route at once; no other entry is touched
-            result.changes.append(f"conntrack: deleted the flows marked {mark}")
+            result.change(f"conntrack: deleted the flows marked {mark}", mark)
 
     def _remove_stale(self, kernel: Kernel, record: Record, current: KernelState, target: KernelState,
-                      result: Result) -> None:
+                      result: Result, restored: List[str]) -> None:
+        """Delete what is no longer wanted; sysctls go back to their originals, which stay in the
+        record (listed in ``restored``) until the result is verified."""
         stale = current - target
         for rule in sorted(stale.rules):
             fault_point("rule")
             kernel.del_rule(rule)
-            result.changes.append(f"delete {rule}")
-        replaced = {_route_key(r) for r in target.routes}
+            result.change(f"delete {rule}", rule)
+        replaced = {route_key(r) for r in target.routes}
         for route in sorted(stale.routes):
-            if _route_key(route) not in replaced:  # 'replace' already overwrote it
+            if route_key(route) not in replaced:  # 'replace' already overwrote it
                 fault_point("route")
                 kernel.del_route(route)
-                result.changes.append(f"delete {route}")
+                result.change(f"delete {route}", route)
         wanted = {slot(s) for s in target.sysctls}
         for key, original in sorted(record.data["sysctls"].items()):
             if key in wanted:
                 continue
             family, iface, name = key.split("/")
-            if kernel.read_sysctl(family, iface, name) is not None:
+            value = kernel.read_sysctl(family, iface, name)
+            if value is not None and value != int(original):
                 fault_point("sysctl")
                 kernel.write_sysctl(Sysctl(family, iface, name, int(original)))
-                result.changes.append(f"restore net.{family}.conf.{iface}.{name}={original}")
-            del record.data["sysctls"][key]
-
-    def _rollback(self, kernel: Kernel, record: Record, before: KernelState) -> None:
-        """Put back the state found at the start of this reconcile (best effort, logged)."""
-        log.error("verification failed: rolling back to the state before this change")
-        scratch = Result()
-        try:
-            now = kernel.read(record.sysctl_originals())
-            self._add(kernel, record, before - now, scratch)
-            self._set_marks(kernel, now, before, scratch)
-            self._remove_stale(kernel, record, now, before, scratch)
-        except PolicyRoutingError as exc:
-            log.error("rollback incomplete: %s; run 'nm-policy-routing apply' to converge", exc)
+                result.change(f"restore net.{family}.conf.{iface}.{name}={original}",
+                              Sysctl(family, iface, name, int(original)))
+            restored.append(key)
 
     def _verify(self, kernel: Kernel, record: Record, target: KernelState) -> None:
         after = kernel.read(record.sysctl_originals())
@@ -360,6 +401,13 @@ class Engine:
                 "'nm-policy-routing status' to see what differs."
             )
 
+    def _log_caveats(self, kernel: Kernel, applied: List[ConnectionPlan], foreign: ForeignUsage) -> None:
+        """At apply: what was just installed but cannot take effect here (status shows it too)."""
+        rp_all = kernel.read_sysctl("ipv4", "all", "rp_filter") if applied else None
+        for cp in applied:
+            for line in caveats(cp, foreign, rp_all):
+                log.warning("%s: %s", named(cp.connection), line, extra=about(cp.connection))
+
     def _record_outcomes(self, record: Record, plans: List[ConnectionPlan]) -> None:
         outcomes = {}
         for cp in plans:
@@ -374,14 +422,21 @@ class Engine:
             record.set_outcome(uuid, outcome)
 
 
-def _failed(cp: ConnectionPlan, exc: Exception) -> str:
+def _family_part(state: KernelState, family: int) -> KernelState:
+    """The entries of one address family (the IPv4 sysctls with IPv4); marks are shared."""
+    name = "ipv4" if family == 4 else "ipv6"
+    return KernelState(frozenset(r for r in state.rules if r.family == family),
+                       frozenset(r for r in state.routes if r.family == family),
+                       frozenset(), frozenset(s for s in state.sysctls if s.family == name))
+
+
+def _failed_family(cp: ConnectionPlan, failures: List[str]) -> str:
+    return (f"connection {cp.connection.label} on {cp.connection.iface}: part of its policy was not "
+            f"installed ({'; '.join(failures)}); the other address family's part is. Check the interface "
+            "and its addresses, then run 'nm-policy-routing apply'.")
+
+
+def _failed(cp: ConnectionPlan, exc: object) -> str:
     return (f"connection {cp.connection.label} on {cp.connection.iface}: {exc}; nothing of its policy "
             "was left installed. Check the interface and its addresses, then run "
             "'nm-policy-routing apply'.")
-
-
-def _quietly(fn: Callable, *args) -> None:
-    try:
-        fn(*args)
-    except PolicyRoutingError as exc:
-        log.warning("rollback step failed: %s", exc)

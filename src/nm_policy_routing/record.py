@@ -5,11 +5,18 @@
 allocations, each sysctl's value before we changed it, and the last outcome per
 connection for ``status``. Written atomically (temp file + rename); one file lock
 serializes every process that reconciles.
+
+The record is checked on load. A damaged one (not JSON, another version, or any entry of
+the wrong type or out of range) is set aside as ``state.json.damaged-<time>`` at the next
+write, logged, and rebuilt: what is ours is read from the kernel anyway (rules and routes
+tagged with our protocol, our nft table), and the allocations of the connections applied
+again are taken from there (by interface) so their tables and marks do not move.
 """
 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -17,9 +24,9 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
-from .model import Address, Allocation, Connection, ExtraRoute, Fwmark, Policy
+from .model import MATCH_KINDS, Address, Allocation, Connection, ExtraRoute, Fwmark, KernelState, Policy, real_gateway
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +46,21 @@ def connection_to_json(conn: Connection) -> Dict[str, Any]:
     return data
 
 
+def _gateway(value: Any) -> Optional[str]:
+    """A recorded gateway: an address (else the record is damaged: ValueError); 0.0.0.0/:: mean none."""
+    return real_gateway(str(ipaddress.ip_address(value))) if value else None
+
+
 def connection_from_json(data: Dict[str, Any]) -> Connection:
+    if not isinstance(data["uuid"], str) or not isinstance(data.get("addresses") or [], list):
+        raise ValueError("uuid must be a string and addresses a list")
     return Connection(
         uuid=str(data["uuid"]),
         id=str(data.get("id") or data["uuid"]),
         iface=str(data.get("iface") or ""),
         addresses=tuple(Address.parse(a) for a in data.get("addresses") or ()),
-        gateway4=data.get("gateway4") or None,
-        gateway6=data.get("gateway6") or None,
+        gateway4=_gateway(data.get("gateway4")),
+        gateway6=_gateway(data.get("gateway6")),
         user_data=tuple(sorted((str(k), str(v)) for k, v in (data.get("user_data") or {}).items())),
         type=str(data.get("type") or ""),
     )
@@ -57,9 +71,36 @@ def allocation_to_json(alloc: Allocation) -> Dict[str, Any]:
     return {"table": alloc.table, "priority": alloc.priority, "fwmark": fw}
 
 
+_U32 = 0xFFFFFFFF
+_RESERVED_TABLES = (0, 253, 254, 255)
+
+
+def _int(value: Any, low: int, high: int, what: str) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is not an integer in {low}..{high}")
+    return value
+
+
+def _table(value: Any) -> int:
+    if _int(value, 1, _U32, "table") in _RESERVED_TABLES:
+        raise ValueError(f"table {value} is reserved")
+    return value
+
+
+def _fwmark(data: Any) -> Optional[Fwmark]:
+    if data is None:
+        return None
+    if not isinstance(data, list) or len(data) != 2:
+        raise ValueError(f"fwmark {data!r} is not [value, mask]")
+    value, mask = _int(data[0], 1, _U32, "fwmark"), _int(data[1], 1, _U32, "fwmask")
+    if value & ~mask:
+        raise ValueError(f"fwmark 0x{value:x} is outside its mask 0x{mask:x}")
+    return Fwmark(value, mask)
+
+
 def allocation_from_json(data: Dict[str, Any]) -> Allocation:
-    fw = data.get("fwmark")
-    return Allocation(int(data["table"]), int(data["priority"]), Fwmark(int(fw[0]), int(fw[1])) if fw else None)
+    return Allocation(_table(data["table"]), _int(data["priority"], 1, 32765, "priority"),
+                      _fwmark(data.get("fwmark")))
 
 
 def policy_to_json(policy: Policy) -> Dict[str, Any]:
@@ -70,14 +111,93 @@ def policy_to_json(policy: Policy) -> Dict[str, Any]:
     return data
 
 
+def _choice(value: Any, accepted: Iterable[str], what: str) -> str:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(accepted)}")
+    return value
+
+
+def _extra_route(item: Any) -> ExtraRoute:
+    prefix, via = item
+    network = ipaddress.ip_network(prefix)
+    if via is not None and ipaddress.ip_address(via).version != network.version:
+        raise ValueError(f"route {prefix} via {via}: families differ")
+    return ExtraRoute(str(network), via)
+
+
 def policy_from_json(data: Dict[str, Any]) -> Policy:
-    fw = data.get("fwmark")
+    """A cached policy, checked again (the record is not trusted more than the kernel is)."""
+    if type(data["enable"]) is not bool or type(data["src_valid_mark"]) is not bool:
+        raise ValueError("enable and src_valid_mark must be true or false")
+    match = data["match"]
+    if not isinstance(match, list) or not match or any(m not in MATCH_KINDS for m in match):
+        raise ValueError(f"match {match!r} is not a list of {', '.join(MATCH_KINDS)}")
+    table, priority = data.get("table"), data.get("priority")
     return Policy(
-        enable=bool(data["enable"]), table=data.get("table"), priority=data.get("priority"),
-        fwmark=Fwmark(int(fw[0]), int(fw[1])) if fw else None, match=frozenset(data["match"]),
-        src_valid_mark=bool(data["src_valid_mark"]), rp_filter=str(data["rp_filter"]),
-        family=str(data["family"]), routes=tuple(ExtraRoute(p, v) for p, v in data.get("routes", [])),
+        enable=data["enable"], table=None if table is None else _table(table),
+        priority=None if priority is None else _int(priority, 1, 32765, "priority"),
+        fwmark=_fwmark(data.get("fwmark")), match=frozenset(match), src_valid_mark=data["src_valid_mark"],
+        rp_filter=_choice(data["rp_filter"], ("keep", "off", "strict", "loose"), "rp_filter"),
+        family=_choice(data["family"], ("ipv4", "ipv6", "both"), "family"),
+        routes=tuple(_extra_route(item) for item in data.get("routes", [])),
     )
+
+
+_SECTIONS = ("connections", "allocations", "sysctls", "outcomes", "policies")
+
+
+def _sysctl_original(key: Any, value: Any) -> int:
+    if not isinstance(key, str) or len(key.split("/")) != 3 or key.split("/")[0] not in ("ipv4", "ipv6"):
+        raise ValueError(f"sysctl slot {key!r} is not family/interface/key")
+    return _int(value, -(2 ** 31), 2 ** 31 - 1, f"original value of {key}")
+
+
+def damage(data: Any) -> Optional[str]:
+    """What is wrong with a record's content, or None when every entry reads back."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("version") != VERSION:
+        return f"version {data.get('version')!r}, expected {VERSION}"
+    checks: Dict[str, Callable[[Any, Any], Any]] = {
+        "connections": lambda k, v: connection_from_json(v),
+        "allocations": lambda k, v: allocation_from_json(v),
+        "sysctls": _sysctl_original,
+        "outcomes": lambda k, v: v if isinstance(v, dict) and isinstance(v.get("errors", []), list)
+        and isinstance(v.get("status", ""), str) else _raise(ValueError("not an outcome")),
+        "policies": lambda k, v: policy_from_json(v),
+    }
+    for section in _SECTIONS:
+        entries = data.get(section, {})
+        if not isinstance(entries, dict):
+            return f"section {section!r} is a {type(entries).__name__}, not an object"
+        for key, value in entries.items():
+            try:
+                checks[section](key, value)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                return f"{section} entry {key!r}: {exc!r}"
+    return None
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def allocations_from_kernel(current: KernelState) -> Dict[str, Allocation]:
+    """interface -> the allocation our tagged entries on it show (for a record rebuilt from the
+    kernel): the table of its routes, the priority of that table's rules, the mark of its nft
+    elements."""
+    tables: Dict[str, int] = {}
+    for route in sorted(current.routes):
+        tables.setdefault(route.oif, route.table)
+    priorities: Dict[int, int] = {}
+    for rule in sorted(current.rules):
+        priorities.setdefault(rule.table, rule.priority)
+    marks = {m.iface: Fwmark(m.value, m.mask) for m in sorted(current.marks)}
+    out = {}
+    for iface, table in tables.items():
+        if table in priorities and table not in _RESERVED_TABLES:
+            out[iface] = Allocation(table, priorities[table], marks.get(iface))
+    return out
 
 
 class Record:
@@ -91,6 +211,8 @@ class Record:
         self.data["version"] = VERSION
         #: a dry run reads the record but never writes it
         self.readonly = False
+        #: why the record on disk was not used (it is set aside at the next write), or None
+        self.damaged: Optional[str] = None
 
     @property
     def path(self) -> str:
@@ -99,17 +221,34 @@ class Record:
     @classmethod
     def load(cls, directory: str) -> "Record":
         path = os.path.join(directory, "state.json")
+        problem = None
         try:
             with open(path) as handle:
                 data = json.load(handle)
-            if not isinstance(data, dict) or data.get("version") != VERSION:
-                raise ValueError("unknown format")
+            problem = damage(data)
         except FileNotFoundError:
             data = {}
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable record %s (%s); the kernel state is re-read", path, exc)
-            data = {}
+            problem = f"unreadable: {exc}"
+        if problem:
+            log.error("the record %s is damaged (%s): it is not used; what is ours is re-read from the "
+                      "kernel, and the record is rebuilt at the next change (the damaged file is kept "
+                      "beside it)", path, problem)
+            record = cls(directory, {})
+            record.damaged = problem
+            return record
         return cls(directory, data)
+
+    def _set_aside(self) -> None:
+        aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            pass
+        else:
+            log.error("set the damaged record aside as %s (%s); a new one is written from the kernel's "
+                      "state and the active connections", aside, self.damaged)
+        self.damaged = None
 
     def save(self) -> None:
         if self.readonly:
@@ -118,6 +257,8 @@ class Record:
 
         fault_point("record")
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        if self.damaged:
+            self._set_aside()
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
         try:
             with os.fdopen(fd, "w") as handle:  # dumps: the C encoder (dump to a file is pure Python)

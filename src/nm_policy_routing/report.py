@@ -22,7 +22,8 @@ def allocation_json(alloc: Optional[Allocation]) -> Optional[Dict[str, Any]]:
 
 def status_rows(plans: Iterable[ConnectionPlan], current: KernelState, drift: Mapping[str, List[str]],
                 outcomes: Mapping[str, Mapping[str, Any]], inactive: Iterable[Tuple[str, str, str]],
-                include_disabled: bool = False) -> List[Dict[str, Any]]:
+                include_disabled: bool = False,
+                caveats: Optional[Mapping[str, List[str]]] = None) -> List[Dict[str, Any]]:
     rows = []
     for cp in plans:
         uuid = cp.connection.uuid
@@ -37,11 +38,12 @@ def status_rows(plans: Iterable[ConnectionPlan], current: KernelState, drift: Ma
             status = "drift"
         rows.append({"uuid": uuid, "id": cp.connection.id, "iface": cp.connection.iface, "status": status,
                      "reason": None if status in ("applied", "drift") else cp.status, "errors": errors, "allocation": allocation_json(cp.allocation),
-                     "installed": installed, "drift": list(drift.get(uuid, []))})
+                     "installed": installed, "drift": list(drift.get(uuid, [])),
+                     "warnings": list((caveats or {}).get(uuid, []))})
     for uuid, name, iface in inactive:
         rows.append({"uuid": uuid, "id": name, "iface": iface or None, "status": "not active", "reason": None,
                      "errors": [],
-                     "allocation": None, "installed": [], "drift": []})
+                     "allocation": None, "installed": [], "drift": [], "warnings": []})
     return rows
 
 
@@ -60,6 +62,7 @@ def status_text(rows: List[Dict[str, Any]], stray: List[str], verbose: bool = Fa
                      f"{alloc.get('table', '-'):>6} {alloc.get('priority', '-'):>8}  {alloc.get('fwmark') or '-'}")
         lines += [f"    error: {e}" for e in row["errors"]]
         lines += [f"    drift: {d}" for d in row["drift"]]
+        lines += [f"    warning: {w}" for w in row.get("warnings", [])]
         if verbose:
             lines += [f"    installed: {i}" for i in row["installed"]]
     lines += [f"stray: {s}" for s in stray]

@@ -14,13 +14,14 @@ another connection holds, an error from the kernel — the caller runs the full 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from dataclasses import replace
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .errors import PolicyRoutingError
 from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, KernelState
 from .planner import plan
-from .record import (Record, allocation_from_json, allocation_to_json, connection_to_json, locked, policy_from_json,
-                     policy_to_json)
+from .record import (Record, allocation_from_json, allocation_to_json, connection_from_json, connection_to_json,
+                     locked, policy_from_json, policy_to_json)
 
 if TYPE_CHECKING:
     from .reconcile import Engine, Result
@@ -48,8 +49,8 @@ def _with_others(foreign: ForeignUsage, others: Dict[str, Tuple[str, Allocation]
 
 def _entries_of(state: KernelState, table: Optional[int], iface: Optional[str]) -> KernelState:
     """The entries of ``state`` that belong to one connection (its table, its interface)."""
-    return KernelState(
-        frozenset(r for r in state.rules if r.table == table),
+    return KernelState(  # (an incoming policy's forward rule looks up main: it is ours by its iif)
+        frozenset(r for r in state.rules if r.table == table or (iface and getattr(r, "iif", None) == iface)),
         frozenset(r for r in state.routes if r.table == table),
         frozenset(m for m in state.marks if m.iface == iface),
         frozenset(s for s in state.sysctls if s.iface == iface),
@@ -84,22 +85,29 @@ class Scoped:
 
     def _reconcile(self, kernel, record: Record, uuid: str, conn: Optional[Connection]) -> Optional["Result"]:
         from .reconcile import Result
+        from .story import owners_of
 
+        if getattr(record, "damaged", None):
+            return None  # a damaged record is rebuilt by the full reconcile
         data = record.data
         labels = {u: (c.get("id") or u) for u, c in data["connections"].items()}
         others = {u: (f"{labels[u]} ({u})", allocation_from_json(a)) for u, a in data["allocations"].items()
                   if u != uuid and u in labels}
         previous = allocation_from_json(data["allocations"][uuid]) if uuid in data["allocations"] else None
-        old_iface = (data["connections"].get(uuid) or {}).get("iface")
+        old = data["connections"].get(uuid)
+        old_iface = (old or {}).get("iface")
         if conn is not None and any(c.get("iface") == conn.iface for u, c in data["connections"].items()
                                     if u != uuid):
             return None  # two connections on one interface: the full plan says who wins
         before = kernel.read(record.sysctl_originals())
+        result = Result()
         cp: Optional[ConnectionPlan] = None
         new = KernelState()
         if conn is not None:
+            held = self.engine._held_back(kernel, {uuid: conn}, result).get(uuid, ())
+            planned = replace(conn, addresses=tuple(a for a in conn.addresses if a.ip not in held))
             cache = _LazyPolicies(data["policies"])
-            the_plan = plan([conn], _with_others(kernel.foreign(), others),
+            the_plan = plan([planned], _with_others(kernel.foreign(), others),
                             {uuid: previous} if previous else {}, self.engine.defaults(), cache)
             cp = the_plan.connections[0]
             if cp.status == "conflict" or (previous and cp.allocation and cp.allocation != previous):
@@ -119,12 +127,20 @@ class Scoped:
                 data["allocations"][uuid] = allocation_to_json(cp.allocation)
         self.engine._record_originals(kernel, record, new.sysctls)
         record.save()  # allocations and originals first, as the full reconcile does
-        result = Result()
+        try:
+            old_conn = [connection_from_json(old)] if old else []
+        except (KeyError, TypeError, ValueError):
+            old_conn = []  # (only for naming the connection in the log)
+        result.owner = owners_of({c.uuid: c for c in old_conn}, {uuid: previous} if previous else {},
+                                 [cp] if cp is not None else [])
+        restored: List[str] = []
         self.engine._add(kernel, record, new - before, result)
         self.engine._set_marks(kernel, before, target, result)
-        self.engine._remove_stale(kernel, record, before, target, result)
+        self.engine._remove_stale(kernel, record, before, target, result, restored)
         if result.changes:
             self.engine._verify(kernel, record, target)
+        for key in restored:  # verified: the originals of what was restored are no longer needed
+            data["sysctls"].pop(key, None)
         if cp is not None:
             result.plans = [cp]
             record.set_outcome(uuid, {"id": cp.connection.id, "iface": cp.connection.iface, "status": cp.status,

@@ -25,6 +25,7 @@ from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
 from .model import Connection
 from .scoped import Scoped
+from .story import tell
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,9 @@ class Targeted:
                 return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
             conn = replace(conn, addresses=held)
         result = await self._engine(self._ensure_one, conn)
-        for change in result.changes:
-            log.info("%s: %s", conn.label, change)
+        tell(result)
         cp = result.plan_of(conn.uuid)
         errors = list(cp.errors) if cp else []
-        for error in errors:
-            log.error("%s", error)
         status = cp.status if cp else "?"
         text = f"{request.action} for {conn.label} on {conn.iface}: {status}"
         return ("error", f"{text}: {errors[0]}") if status in ("error", "conflict", "invalid") and errors \
@@ -172,8 +170,7 @@ class Targeted:
         if found is not None and found[1] in (ACTIVATING, ACTIVATED) and request.action in ("down", "vpn-down"):
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
         result = await self._engine(self._remove_one, request.uuid)
-        for change in result.changes:
-            log.info("%s: %s", request.uuid, change)
+        tell(result)
         self._paths.pop(request.uuid, None)
         return "ok", f"{request.action}: removed the policy of {request.uuid}"
 

@@ -42,7 +42,9 @@ def test_seed_fixed_by_policy_and_clean_after_removal(seed: Seed, engine) -> Non
     rules = host.ipj("-4", "rule")
     ours = [r for r in rules if r.get("protocol") == "214" or r.get("protocol") == 214
             or str(r.get("protocol")) == "nm-policy-routing"]
-    assert len(ours) == 1 and ours[0]["priority"] == 1000 and ours[0]["table"] == "100"
+    assert len(ours) == 2, ours
+    assert ours[1]["priority"] == 1000 and ours[1]["table"] == "100" and "iif" not in ours[1]
+    assert (ours[0]["priority"], ours[0]["iif"], ours[0]["table"]) == (999, "eth1", "main")
 
     engine.remove(SVC)
     assert host.snapshot(["eth0", "eth1"]) == before

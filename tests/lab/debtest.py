@@ -10,7 +10,8 @@ with Debian's own NetworkManager (1.52), python3 and libraries, not this project
    ``debian/``, then lintian (an error fails the run) and ``apt-get install ./….deb``;
 3. the seed scenario in a lab (tests/lab/netns.py) with the tree's NetworkManager in
    a chroot (NMLab with ``root``): the policy set with the installed CLI, applied and
-   removed by the installed dispatcher hook, replies fixed; then ``apt-get remove`` with
+   removed by the installed dispatcher hook, replies fixed; an OpenVPN connection with its
+   own policy beside it (tests/lab/debtest_vpn.py); then ``apt-get remove`` with
    the connection up: its prerm flush must leave the host namespace clean.
 
 The tree is kept; the package is purged at the end. Nothing runs in this machine's
@@ -32,6 +33,7 @@ from typing import Any, Dict, List, Optional
 from tests.lab.demo import say, show, verdict
 from tests.lab.netns import ROOT, Lab, Seed, run, wait_for
 from tests.lab.nm import NMLab
+from tests.lab.debtest_vpn import vpn_step
 from tests.lab.trixie import BUILD_DIR, PACKAGE, TREE, Tree
 from tests.lab.world import PROTO
 
@@ -212,6 +214,7 @@ def play(nm: NMLab, seed: Seed, tree: Tree) -> bool:
     show(f"$ {PACKAGE} status", status.stdout + status.stderr)
     ok = verdict("status: 'service' applied", status.returncode == 0 and
                  any("service" in line and "applied" in line for line in status.stdout.splitlines())) and ok
+    ok = vpn_step(nm, seed, ours, applied) and ok
     return remove_package(nm, seed, tree, svm_before) and ok
 
 

@@ -1,6 +1,6 @@
 """Run one engine operation in the current namespace: JSON request on stdin, JSON result out.
 
-{"op": "reconcile"|"ensure"|"remove"|"flush", "connections": [...], "connection": {...}, "uuid": "..."}
+{"op": "reconcile"|"ensure"|"remove"|"flush"|"inspect", "connections": [...], "connection": {...}, "uuid": "..."}
 Used by the kernel tests through ``ip netns exec``, so the engine runs for real inside a namespace.
 """
 
@@ -25,6 +25,10 @@ def main() -> int:
             res = engine.remove(req["uuid"])
         elif op == "flush":
             res = engine.flush()
+        elif op == "inspect":
+            found = engine.inspect()
+            json.dump({"drift": found.drift, "stray": found.stray}, sys.stdout)
+            return 0
         else:
             raise SystemExit(f"unknown op {op}")
     except PolicyRoutingError as exc:

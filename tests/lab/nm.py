@@ -423,8 +423,28 @@ class NMLab:
             _end_pid(pid, "nm-dispatcher")
         self._dispatcher_pid = None
 
+    def kill_bus(self) -> None:
+        """SIGKILL the lab's dbus-daemon: the bus dies under every client (NetworkManager too)."""
+        if self._bus is not None:
+            self._bus.kill()
+            self._bus.wait(10)
+            self._bus = None
+
+    def freeze_bus(self, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the lab's dbus-daemon: a bus that hangs, connections stay open."""
+        if self._bus is not None:
+            self._bus.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def restart_bus_and_nm(self, timeout: float = 30) -> None:
+        """After :meth:`kill_bus`: a new bus, then NetworkManager and its dispatcher again on it
+        (NetworkManager takes its devices over as they are, as after a restart)."""
+        self._stop_nm()
+        self._start_bus()
+        self._start_nm(timeout)
+
     def stop(self) -> None:
         """End everything this lab started, by PID. Safe to call more than once."""
+        self.freeze_bus(False)
         self.stop_dhcp_server()
         self._stop_nm()
         if self._bus is not None:

@@ -31,7 +31,7 @@ BACKGROUND_LOG = "/tmp/debootstrap.log"  # a debootstrap started by hand may be 
 PACKAGES = ("build-essential", "debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all",
             "python3-setuptools", "fakeroot", "dpkg-dev", "lintian", "network-manager", "nftables", "python3-nftables",
             "python3-pyroute2", "python3-pydantic", "python3-dbus-next", "iproute2", "iputils-ping",
-            "dbus", "util-linux")
+            "dbus", "util-linux", "openvpn", "network-manager-openvpn")
 PACKAGE = "nm-policy-routing"
 BUILD_DIR = "/build"  # inside the tree
 POLICY_RC_D = "#!/bin/sh\n# nm-policy-routing's deb-test: no service starts in this tree\nexit 101\n"

@@ -157,8 +157,11 @@ class World:
             raise RuntimeError(proc.stderr)
         return proc.returncode == 0
 
-    def our_rules(self, family: str = "-4") -> List[Dict[str, Any]]:
-        return [r for r in self.host.ipj(family, "rule") if str(r.get("protocol")) in PROTO]
+    def our_rules(self, family: str = "-4", forward: bool = False) -> List[Dict[str, Any]]:
+        """Our rules; the forward rule of an incoming policy (``iif IFACE ... lookup main``)
+        only with ``forward``."""
+        return [r for r in self.host.ipj(family, "rule") if str(r.get("protocol")) in PROTO
+                and (forward or "iif" not in r)]
 
     def our_routes(self, family: str = "-4") -> List[Dict[str, Any]]:
         return [r for r in self.host.ipj(family, "route", "show", "table", "all")

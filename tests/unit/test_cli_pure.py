@@ -57,6 +57,8 @@ def test_fib_lookup_follows_rules_and_longest_prefix() -> None:
 def test_commands_are_quoted_shell() -> None:
     assert rule("add", Rule(4, 1000, 100, 1, 0xFFFFFFFF)) == \
         "ip -4 rule add priority 1000 fwmark 0x1/0xffffffff table 100 protocol 214"
+    assert rule("add", Rule(6, 999, 254, 1, 0xFFFFFFFF, iif="eth1")) == \
+        "ip -6 rule add priority 999 iif eth1 fwmark 0x1/0xffffffff table 254 protocol 214"
     assert route("replace", Route(4, 100, "0.0.0.0/0", "eth1", "10.0.1.1", "10.0.1.2")) == \
         "ip -4 route replace 0.0.0.0/0 via 10.0.1.1 dev eth1 src 10.0.1.2 table 100 protocol 214"
     assert sysctl(Sysctl("ipv4", "eth1.100", "src_valid_mark", 1)) == \

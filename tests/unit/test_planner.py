@@ -41,7 +41,8 @@ def test_seed_plan_has_exactly_the_manual_fix() -> None:
     cp = p.get("u1")
     assert cp.status == "ok" and cp.errors == ()
     state = cp.state
-    assert state.rules == {Rule(4, 1000, 100, 1, 0xFFFFFFFF), Rule(6, 1000, 100, 1, 0xFFFFFFFF)}
+    assert state.rules == {Rule(4, 1000, 100, 1, 0xFFFFFFFF), Rule(6, 1000, 100, 1, 0xFFFFFFFF),
+                           Rule(4, 999, 254, 1, 0xFFFFFFFF, iif="eth1"), Rule(6, 999, 254, 1, 0xFFFFFFFF, iif="eth1")}
     assert state.routes == {
         Route(4, 100, "0.0.0.0/0", "eth1", "10.0.1.1", "10.0.1.2"),
         Route(4, 100, "10.0.1.0/24", "eth1", None, "10.0.1.2"),

@@ -25,6 +25,9 @@ class _FakeKernel:
     def foreign(self):
         return ForeignUsage()
 
+    def unusable_addresses(self):
+        return set()
+
     def write_sysctl(self, entry):
         pass
 

@@ -52,7 +52,12 @@ class LiveKernel:
 
     def foreign(self) -> ForeignUsage:
         usage = self.netlink.foreign_usage()
-        return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(self.nft.foreign_marks()))
+        marks, writers, early = self.nft.foreign()
+        return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(marks), tuple(writers),
+                            tuple(early))
+
+    def unusable_addresses(self) -> Set[str]:
+        return self.netlink.unusable_addresses()
 
     def write_sysctl(self, entry: Sysctl) -> None:
         sysctl.write(entry)

@@ -8,6 +8,7 @@ and nowhere else, lazily, because importing it costs ~400 ms.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -19,6 +20,7 @@ _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 
 
 class _ForeignTables:
@@ -120,9 +122,11 @@ class Netlink:
                 fwmask=(msg.get("fwmask") or 0) if msg.get("fwmark") is not None else 0,
                 src=msg.get("src") if msg["src_len"] else None,
                 src_len=msg["src_len"],
+                iif=msg.get("iifname") or None,
             )
             if rule.fwmark and not rule.fwmask:
-                rule = Rule(rule.family, rule.priority, rule.table, rule.fwmark, U32, rule.src, rule.src_len)
+                rule = Rule(rule.family, rule.priority, rule.table, rule.fwmark, U32, rule.src, rule.src_len,
+                            rule.iif)
             out.append((rule, msg.get("protocol") or 0))
         return out
 
@@ -187,6 +191,19 @@ class Netlink:
                     marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
         return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
 
+    def unusable_addresses(self) -> Set[str]:
+        """Addresses the kernel will not take as a route's source yet or at all: tentative
+        (duplicate address detection running) or failed DAD."""
+        out = set()
+        for msg in self._ipr.get_addr():
+            flags = msg.get("IFA_FLAGS")
+            flags = msg["flags"] if flags is None else flags
+            if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+                if address:
+                    out.add(str(ipaddress.ip_address(address)))
+        return out
+
     # ---- for explain ---------------------------------------------------
 
     def fib_rules(self, destination: str) -> list:
@@ -231,6 +248,8 @@ class Netlink:
             args.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
         if rule.src:
             args.update(src=rule.src, src_len=rule.src_len)
+        if rule.iif:
+            args.update(iifname=rule.iif)
         return args
 
     def _route_args(self, route: Route) -> dict:

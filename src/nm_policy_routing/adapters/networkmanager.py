@@ -2,17 +2,19 @@
 
 The only module that imports the D-Bus library (dbus-next; dbus-fast is a drop-in
 successor). Honours ``DBUS_SYSTEM_BUS_ADDRESS``. Everything is keyed by connection
-UUID: object paths change when NetworkManager restarts.
+UUID: object paths change when NetworkManager restarts. Every call has a timeout: a
+hung bus or NetworkManager yields a NetworkManagerError, never a process that waits forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import NetworkManagerError, NotPermittedError
-from ..model import Address, Connection
+from ..model import Address, Connection, real_gateway
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
 ACTIVATION_EXTERNAL = 0x80
 UPDATE2_TO_DISK = 0x1
 UPDATE2_NO_REAPPLY = 0x40
+#: seconds to wait for the bus to accept us, and for any one reply
+CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 10.0
 
 
 def _no_glib() -> None:
@@ -68,14 +73,18 @@ class NetworkManagerBus:
     def __init__(self) -> None:
         self.bus = None
 
-    async def connect(self) -> "NetworkManagerBus":
+    async def connect(self, timeout: float = CONNECT_TIMEOUT) -> "NetworkManagerBus":
         _no_glib()
         from dbus_next import BusType
         from dbus_next.aio import MessageBus
 
         try:
-            self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        except (OSError, ValueError) as exc:
+            self.bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
+        except asyncio.TimeoutError:
+            raise NetworkManagerError(
+                f"the D-Bus system bus accepted the connection but did not answer within {timeout:g} s; "
+                "is dbus-daemon hung? (DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from None
+        except Exception as exc:  # dbus-next raises OSError, ValueError, AuthError or plain Exception
             raise NetworkManagerError(
                 f"cannot reach the D-Bus system bus ({exc}); is dbus running? "
                 "(DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from exc
@@ -83,16 +92,45 @@ class NetworkManagerBus:
 
     def disconnect(self) -> None:
         if self.bus is not None:
-            self.bus.disconnect()
+            try:
+                self.bus.disconnect()
+            except Exception as exc:  # a bus already gone may fail to close: it is closed
+                log.debug("closing the bus connection: %s", exc)
             self.bus = None
 
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.connected
+
+    async def wait_for_disconnect(self) -> None:
+        """Return when the bus connection ends (the bus died, or we closed it)."""
+        try:
+            await self.bus.wait_for_disconnect()
+        except Exception as exc:  # an unexpected end is still an end
+            log.debug("the bus connection ended: %r", exc)
+
     async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: Optional[List[Any]] = None, destination: str = NM) -> List[Any]:
+                   body: Optional[List[Any]] = None, destination: str = NM,
+                   timeout: float = CALL_TIMEOUT) -> List[Any]:
         from dbus_next import Message, MessageType
 
+        if not self.connected:
+            raise NetworkManagerError(f"cannot call {member} on {path}: the connection to the D-Bus system bus "
+                                      "is closed (the bus went away); it is re-opened when the bus is back")
         msg = Message(destination=destination, path=path, interface=interface, member=member,
                       signature=signature, body=body or [])
-        reply = await self.bus.call(msg)
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), timeout)
+        except asyncio.TimeoutError:
+            getattr(self.bus, "_method_return_handlers", {}).pop(msg.serial, None)  # drop a late reply
+            who = "dbus-daemon" if destination == "org.freedesktop.DBus" else "NetworkManager (or dbus-daemon)"
+            raise NetworkManagerError(
+                f"{destination} did not answer {member} on {path} within {timeout:g} s; is {who} hung?") from None
+        except Exception as exc:  # the connection broke while waiting (dbus-next raises plain errors)
+            raise NetworkManagerError(f"the D-Bus system bus connection broke during {member} on {path} "
+                                      f"({str(exc) or type(exc).__name__})") from exc
+        if reply is None:  # dbus-next answers pending calls with nothing when the bus closes
+            raise NetworkManagerError(f"the D-Bus system bus went away during {member} on {path}")
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else reply.error_name
             if "PermissionDenied" in (reply.error_name or "") or "AccessDenied" in (reply.error_name or ""):
@@ -111,6 +149,11 @@ class NetworkManagerBus:
         except NetworkManagerError:
             return None
         return body[0]
+
+    async def ping(self, timeout: float = CALL_TIMEOUT) -> None:
+        """A round trip to the bus itself; NetworkManagerError if it does not answer in time."""
+        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus.Peer", "Ping",
+                        destination="org.freedesktop.DBus", timeout=timeout)
 
     async def add_match(self, rule: str) -> None:
         await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule],
@@ -144,7 +187,27 @@ class NetworkManagerBus:
         except NetworkManagerError:
             return [], None
         addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
-        return addrs, props.get("Gateway") or None
+        return addrs, real_gateway(props.get("Gateway"))
+
+    async def _vpn_interface(self, ip4: str, ip6: str) -> str:
+        """A VPN's IP interface (tun0), which its ``Devices`` do not give: they list the parent.
+
+        NetworkManager (1.42 and 1.52 alike) exports for a VPN the IP configuration object of
+        the VPN's IP interface (``nm_l3cfg_ipconfig_acquire`` on the tunnel's l3cfg, or the
+        parent's for a VPN without its own interface): the same object path as that device's
+        ``Ip4Config``/``Ip6Config``. "" when no device shares it (the event's VPN_IP_IFACE
+        then names it)."""
+        wanted = {p for p in (ip4, ip6) if p and p != "/"}
+        if not wanted:
+            return ""
+        for device in (await self.props(NM_PATH, NM)).get("Devices", []):
+            try:
+                dev = await self.props(device, DEVICE)
+            except NetworkManagerError:
+                continue  # it went away meanwhile
+            if {dev.get("Ip4Config"), dev.get("Ip6Config")} & wanted:
+                return dev.get("IpInterface") or dev.get("Interface") or ""
+        return ""
 
     async def facts(self, active_path: str, device_config: bool = False,
                     device_hint: Optional[str] = None) -> Optional[Tuple[Connection, int]]:
@@ -154,8 +217,6 @@ class NetworkManagerBus:
         take its device's (for one event about this connection, whose addresses the caller
         checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
         (read at the same time as the connection)."""
-        import asyncio
-
         try:  # independent calls go out together: each round trip waits for two other processes
             if device_hint:
                 active, hinted = await asyncio.gather(self.props(active_path, ACTIVE), self.props(device_hint, DEVICE))
@@ -163,15 +224,18 @@ class NetworkManagerBus:
                 active, hinted = await self.props(active_path, ACTIVE), {}
         except NetworkManagerError:
             return None
-        iface, dev = "", {}
-        for device in active.get("Devices", []):
-            dev = hinted if device == device_hint else await self.props(device, DEVICE)
-            iface = dev.get("IpInterface") or dev.get("Interface") or ""
-            if iface:
-                break
+        if active.get("Vpn"):  # its Devices list its parent: never borrow the parent's configuration
+            iface, dev = await self._vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/")), {}
+        else:
+            iface, dev = "", {}
+            for device in active.get("Devices", []):
+                dev = hinted if device == device_hint else await self.props(device, DEVICE)
+                iface = dev.get("IpInterface") or dev.get("Interface") or ""
+                if iface:
+                    break
         # on pre-up the active connection shows no IP configuration yet ("/"), its device does
-        # (and the kernel holds it); a VPN's device is its parent's: never borrow from it
-        borrow = dev if device_config and not active.get("Vpn") else {}
+        # (and the kernel holds it)
+        borrow = dev if device_config else {}
         (addr4, gw4), (addr6, gw6), user = await asyncio.gather(
             self._ip(_config(active, borrow, "Ip4Config")), self._ip(_config(active, borrow, "Ip6Config")),
             self.user_data(active["Connection"]) if active.get("Connection") else _nothing())

@@ -1,7 +1,7 @@
 """Our nftables table through libnftables JSON: read it back, replace it in one transaction.
 
 Only ``table inet nm_policy_routing`` is ever written; the rest of the ruleset is
-read to learn which mark bits foreign tables write.
+read to learn which mark bits foreign tables write and what drops before our marking.
 """
 
 from __future__ import annotations
@@ -79,16 +79,18 @@ class Nftables:
         marks, intact = nftjson.parse_table(listing)
         return marks, intact, True
 
-    def foreign_marks(self) -> List[Tuple[Fwmark, str]]:
-        """Mark bits other tables write. The whole ruleset is listed in a child process:
-        libnftables 1.0.6 (Debian 12) crashes with SIGSEGV on sets written by nft >= 1.1.2
-        (containers ship one), and a crash must cost only the foreign-mark check."""
+    def foreign(self) -> Tuple[List[Tuple[Fwmark, str]], List[str], List[Tuple[int, str]]]:
+        """What other tables do with marks: (bits they manage, writers of all bits, strict
+        reverse-path filters before our marking). The whole ruleset is listed in a child
+        process: libnftables 1.0.6 (Debian 12) crashes with SIGSEGV on sets written by
+        nft >= 1.1.2 (containers ship one), and a crash must cost only these checks."""
         ruleset = _in_child(lambda: self._run("list the ruleset", {"nftables": [{"list": {"ruleset": None}}]}))
         if ruleset is None:
             log.warning("listing the nftables ruleset crashed libnftables (a set written by a newer nft, "
                         "see nftables commit be737a19); mark bits of other tables are not checked")
-            return []
-        return nftjson.foreign_marks(ruleset)
+            return [], [], []
+        return (nftjson.foreign_marks(ruleset), nftjson.all_bit_writers(ruleset),
+                nftjson.early_rpfilter(ruleset))
 
     def replace(self, marks: Iterable[Mark], exists: bool) -> None:
         marks = set(marks)

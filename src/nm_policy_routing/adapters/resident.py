@@ -38,15 +38,16 @@ from .nftables import Nftables
 class _RememberingNftables(Nftables):
     def __init__(self) -> None:
         super().__init__()
-        self.remembered: Optional[List[Tuple[Fwmark, str]]] = None
+        self.remembered: Optional[tuple] = None
         #: our table's marks as last listed or committed; None: list it again
         self.view: Optional[FrozenSet[Mark]] = None
 
-    def foreign_marks(self) -> List[Tuple[Fwmark, str]]:
-        marks = self.remembered
-        if marks is None:
-            marks = self.remembered = super().foreign_marks()
-        return list(marks)
+    def foreign(self):
+        """(marks, writers, early reverse-path filters) of the other nft tables, as last listed."""
+        found = self.remembered
+        if found is None:
+            found = self.remembered = super().foreign()
+        return tuple(list(part) for part in found)
 
     def our_marks(self) -> Tuple[Set[Mark], bool, bool]:
         view = self.view

@@ -34,7 +34,7 @@ IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
-FRA_SRC, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 2, 6, 10, 15, 16, 21
+FRA_SRC, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 2, 3, 6, 10, 15, 16, 21
 FR_ACT_TO_TBL, RTN_UNICAST, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_TABLE_COMPAT = 1, 1, 0, 253, 252
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY_OF = {socket.AF_INET: 4, socket.AF_INET6: 6}
@@ -104,6 +104,8 @@ def rule_message(rule: Rule) -> bytes:
         body += _u32(FRA_FWMARK, rule.fwmark) + _u32(FRA_FWMASK, rule.fwmask)
     if rule.src:
         body += _attr(FRA_SRC, socket.inet_pton(AF[rule.family], rule.src))
+    if rule.iif:
+        body += _attr(FRA_IIFNAME, rule.iif.encode() + b"\0")
     return body
 
 
@@ -137,8 +139,9 @@ def parse_rule(family: int, body: bytes) -> Tuple[Rule, int]:
     if fwmark and not fwmask:
         fwmask = U32
     src = socket.inet_ntop(AF[family], attrs[FRA_SRC]) if src_len and FRA_SRC in attrs else None
+    iif = attrs[FRA_IIFNAME].split(b"\0", 1)[0].decode(errors="replace") if FRA_IIFNAME in attrs else None
     rule = Rule(family=family, priority=struct.unpack("=I", attrs[FRA_PRIORITY])[0] if FRA_PRIORITY in attrs else 0,
-                table=table, fwmark=fwmark, fwmask=fwmask, src=src, src_len=src_len if src else 0)
+                table=table, fwmark=fwmark, fwmask=fwmask, src=src, src_len=src_len if src else 0, iif=iif or None)
     return rule, attrs[FRA_PROTOCOL][0] if FRA_PROTOCOL in attrs else 0
 
 

@@ -1,0 +1,44 @@
+"""A damaged record with the hook alone: the next event rebuilds it from every active
+connection, so the other connections keep their policies."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from tests.lab.netns import Lab, Seed, wait_for
+from tests.lab.nm import MGMT_UUID, SERVICE_UUID
+from tests.lab.world import World
+
+pytestmark = pytest.mark.nm
+
+SEED = {"nm-policy-routing.enable": "yes", "nm-policy-routing.table": "100",
+        "nm-policy-routing.fwmark": "0x1", "nm-policy-routing.priority": "1000"}
+MGMT = {"nm-policy-routing.enable": "yes", "nm-policy-routing.match": "source",
+        "nm-policy-routing.table": "200", "nm-policy-routing.priority": "2000"}
+
+
+def test_hook_event_after_damage_keeps_every_connection(lab: Lab) -> None:
+    world = World(lab, hook=True)
+    try:
+        world.nm.seed_keyfiles(user_service=SEED, user_mgmt=MGMT)
+        world.nm.up("mgmt")
+        world.nm.up("service")
+        assert world.wait_rules(lambda rules: {r.get("table") for r in rules} == {"100", "200"})
+        state = world.policy_state()
+        with open(os.path.join(world.state_dir, "state.json"), "w") as handle:
+            json.dump({"version": 1, "connections": "garbage", "sysctls": [], "outcomes": 1}, handle)
+        proc = world.dispatch(SERVICE_UUID, "up")
+        assert proc.returncode == 0 and "damaged" in proc.stderr, proc.stderr
+        assert world.policy_state() == state, "both connections keep their policies"
+        assert glob.glob(os.path.join(world.state_dir, "state.json.damaged-*"))
+        known = json.load(open(os.path.join(world.state_dir, "state.json")))["connections"]
+        assert set(known) >= {SERVICE_UUID, MGMT_UUID}
+        world.nm.down("mgmt")
+        assert wait_for(lambda: {r.get("table") for r in world.our_rules()} == {"100"}, timeout=15)
+        assert Seed.tcp(world.seed, Seed.SERVICE4)
+    finally:
+        world.close()
