@@ -37,7 +37,13 @@ def lifecycle(m: Machine, seed: Seed, checks: Checks, svm0: int) -> None:
     checks.check("nmcli connection down service: removed, src_valid_mark restored",
                  wait_state(m, lambda s: clean(s, svm0)))
     m.exec("nmcli", "--wait", "30", "connection", "up", "service")
+    checks.check("nmcli connection up service: applied already when it returns (the hook handed pre-up "
+                 "to the service, which answered once verified)", exactly_once(ours(m)))
     checks.check("nmcli connection up service: applied", wait_state(m, exactly_once))
+    mode = m.exec("stat", "-c", "%a %U", f"/run/{PACKAGE}/handoff.sock", check=False).stdout.strip()
+    handed = m.exec("journalctl", "-u", PACKAGE, "-b", "--no-pager", "-o", "cat", check=False).stdout
+    checks.check(f"handoff.sock is root's only ({mode}); the service's journal shows the handed-over pre-up",
+                 mode == "600 root" and any("pre-up for service" in line for line in handed.splitlines()))
     replies_by_eth1(checks, seed, m)
     status = cli(m, "status")
     show(f"$ {PACKAGE} status", status.stdout + status.stderr)
