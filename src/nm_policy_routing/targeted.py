@@ -158,7 +158,7 @@ class Targeted:
                 return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
             conn = replace(conn, addresses=held)
         result = await self._engine(self._ensure_one, conn)
-        tell(result)
+        tell(result, why=request.action)
         cp = result.plan_of(conn.uuid)
         errors = list(cp.errors) if cp else []
         status = cp.status if cp else "?"
@@ -170,7 +170,7 @@ class Targeted:
         if found is not None and found[1] in (ACTIVATING, ACTIVATED) and request.action in ("down", "vpn-down"):
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
         result = await self._engine(self._remove_one, request.uuid)
-        tell(result)
+        tell(result, why=request.action)
         self._paths.pop(request.uuid, None)
         return "ok", f"{request.action}: removed the policy of {request.uuid}"
 

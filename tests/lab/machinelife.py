@@ -37,8 +37,11 @@ def lifecycle(m: Machine, seed: Seed, checks: Checks, svm0: int) -> None:
     checks.check("nmcli connection down service: removed, src_valid_mark restored",
                  wait_state(m, lambda s: clean(s, svm0)))
     m.exec("nmcli", "--wait", "30", "connection", "up", "service")
-    checks.check("nmcli connection up service: applied already when it returns (the hook handed pre-up "
-                 "to the service, which answered once verified)", exactly_once(ours(m)))
+    rules4 = [r for r in m.netns.ipj("-4", "rule") if r.get("priority") == 1000 and str(r.get("table")) == "100"]
+    routes4 = m.netns.ipj("-4", "route", "show", "table", "100")
+    checks.check("nmcli connection up service: its IPv4 policy in the kernel already when it returns (the hook "
+                 "handed pre-up to the service, which answered once verified; IPv6 follows DAD)",
+                 len(rules4) == 1 and any(r.get("dst") == "default" for r in routes4))
     checks.check("nmcli connection up service: applied", wait_state(m, exactly_once))
     mode = m.exec("stat", "-c", "%a %U", f"/run/{PACKAGE}/handoff.sock", check=False).stdout.strip()
     handed = m.exec("journalctl", "-u", PACKAGE, "-b", "--no-pager", "-o", "cat", check=False).stdout
