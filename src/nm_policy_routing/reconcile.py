@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: validated policies of connections no longer active that the record keeps
 KEEP_UNUSED_POLICIES = 32
+#: uuid -> its addresses last told as not usable yet (the daemon tells each change once)
+_TOLD_WAITING: Dict[str, Tuple[str, ...]] = {}
 #: reads the active connections (None: unknown, re-apply the recorded ones); see Engine.reconcile
 Snapshot = Callable[[], Optional[Sequence[Connection]]]
 
@@ -303,8 +305,10 @@ class Engine:
             waiting = [a.ip for a in conn.addresses if a.ip in unusable]
             if waiting:
                 result.waiting[conn.uuid] = waiting
-                log.info("connection %s on %s: address %s is not usable yet (duplicate address detection); "
-                         "the policy for it follows when it is", conn.label, conn.iface, ", ".join(waiting))
+                if _TOLD_WAITING.get(conn.uuid) != tuple(waiting):  # once per change (pre-up, up, signals)
+                    log.info("connection %s on %s: address %s is not usable yet (duplicate address detection); "
+                             "the policy for it follows when it is", conn.label, conn.iface, ", ".join(waiting))
+            _TOLD_WAITING[conn.uuid] = tuple(waiting)
         return result.waiting
 
     def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:

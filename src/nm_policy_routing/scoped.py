@@ -62,22 +62,6 @@ class Scoped:
 
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
-        #: uuid -> its addresses last told as not usable yet (told again only when that changes)
-        self._told: Dict[str, Tuple[str, ...]] = {}
-
-    def _held_back(self, kernel, conn: Connection, result) -> Tuple[str, ...]:
-        """The connection's addresses the kernel will not take as a source yet (as the full
-        reconcile's _held_back), told once per change: pre-up and up both meet them."""
-        reader = getattr(kernel, "unusable_addresses", None)
-        unusable = reader() if reader and conn.addresses else set()
-        waiting = tuple(a.ip for a in conn.addresses if a.ip in unusable)
-        if waiting:
-            result.waiting[conn.uuid] = list(waiting)
-            if self._told.get(conn.uuid) != waiting:
-                log.info("connection %s on %s: address %s is not usable yet (duplicate address detection); "
-                         "the policy for it follows when it is", conn.label, conn.iface, ", ".join(waiting))
-        self._told[conn.uuid] = waiting
-        return waiting
 
     def ensure(self, conn: Connection) -> Optional["Result"]:
         return self._run(conn.uuid, conn)
@@ -120,7 +104,7 @@ class Scoped:
         cp: Optional[ConnectionPlan] = None
         new = KernelState()
         if conn is not None:
-            held = self._held_back(kernel, conn, result)
+            held = self.engine._held_back(kernel, {uuid: conn}, result).get(uuid, ())
             planned = replace(conn, addresses=tuple(a for a in conn.addresses if a.ip not in held))
             cache = _LazyPolicies(data["policies"])
             the_plan = plan([planned], _with_others(kernel.foreign(), others),
