@@ -14,6 +14,7 @@ another connection holds, an error from the kernel — the caller runs the full 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
@@ -62,6 +63,22 @@ class Scoped:
 
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
+        #: the record as this process last saved it, with the file's (inode, size, mtime): loaded
+        #: and checked again only when someone else wrote it since
+        self._kept: Optional[Tuple[Tuple[int, int, int], Record]] = None
+
+    def _stamp(self) -> Optional[Tuple[int, int, int]]:
+        try:
+            st = os.stat(os.path.join(self.engine.directory, "state.json"))
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self) -> Record:
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == self._stamp():
+            return kept[1]
+        return Record.load(self.engine.directory)
 
     def ensure(self, conn: Connection) -> Optional["Result"]:
         return self._run(conn.uuid, conn)
@@ -73,10 +90,14 @@ class Scoped:
         if self.engine.dry_run:
             return None
         with locked(self.engine.directory):
-            record = Record.load(self.engine.directory)
+            record = self._load()
             kernel = self.engine._kernel()
             try:
-                return self._reconcile(kernel, record, uuid, conn)
+                result = self._reconcile(kernel, record, uuid, conn)
+                if result is not None:
+                    stamp = self._stamp()
+                    self._kept = (stamp, record) if stamp is not None else None
+                return result
             except PolicyRoutingError as exc:
                 log.warning("one-connection change of %s failed (%s); reconciling everything", uuid, exc)
                 return None
@@ -125,8 +146,10 @@ class Scoped:
             data["connections"][uuid] = connection_to_json(conn)
             if cp and cp.allocation:
                 data["allocations"][uuid] = allocation_to_json(cp.allocation)
+        known = dict(data["sysctls"])
         self.engine._record_originals(kernel, record, new.sysctls)
-        record.save()  # allocations and originals first, as the full reconcile does
+        if conn is not None and (cp is None or cp.allocation != previous or data["sysctls"] != known):
+            record.save()  # a new allocation and originals first, as the full reconcile does
         try:
             old_conn = [connection_from_json(old)] if old else []
         except (KeyError, TypeError, ValueError):
