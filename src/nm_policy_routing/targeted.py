@@ -23,7 +23,7 @@ from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED
                                       PROPS, NetworkManagerBus)
 from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
-from .model import Connection
+from .model import Address, Connection
 from .scoped import Scoped
 from .story import tell
 
@@ -107,15 +107,30 @@ class Targeted:
                 return await self._facts(path, request.uuid)
         return None
 
-    def missing_addresses(self, conn: Connection) -> List[str]:
-        """The connection's addresses the kernel does not hold on its interface (yet)."""
-        if not conn.addresses:
-            return []
+    def _kernel(self):
         if self._rtnl is None:
             from .adapters.rtnl import Rtnl
 
             self._rtnl = Rtnl()
-        held = self._rtnl.addresses(conn.iface)
+        return self._rtnl
+
+    def from_kernel(self, conn: Connection) -> Connection:
+        """On pre-up, NetworkManager 1.52 shows no IP configuration over D-Bus yet, while the kernel
+        holds what it configured: the interface's addresses and its main-table default routes."""
+        rtnl = self._kernel()
+        addresses = tuple(Address.parse(f"{ip}/{length}") for ip, length in rtnl.prefixes(conn.iface))
+        if not addresses:
+            return conn
+        gateways = rtnl.gateways(conn.iface)
+        log.info("pre-up for %s on %s: no IP configuration from NetworkManager yet; using what the kernel "
+                 "holds on %s", conn.label, conn.iface, conn.iface)
+        return replace(conn, addresses=addresses, gateway4=gateways.get(4), gateway6=gateways.get(6))
+
+    def missing_addresses(self, conn: Connection) -> List[str]:
+        """The connection's addresses the kernel does not hold on its interface (yet)."""
+        if not conn.addresses:
+            return []
+        held = self._kernel().addresses(conn.iface)
         return [f"{a.ip}/{a.prefixlen}" for a in conn.addresses if a.ip not in held]
 
     def _ensure_one(self, conn: Connection):
@@ -149,6 +164,8 @@ class Targeted:
         conn = found[0]
         if conn.type == "external":
             return "ok", f"{request}: external connection, not ours to manage"
+        if not conn.addresses and request.action in ("pre-up", "vpn-pre-up") and conn.iface:
+            conn = self.from_kernel(conn)
         missing = self.missing_addresses(conn)
         if missing:  # act on complete facts: plan with what the kernel holds; a later event brings the rest
             held = tuple(a for a in conn.addresses if f"{a.ip}/{a.prefixlen}" not in missing)

@@ -283,10 +283,14 @@ class Rtnl:
 
     def addresses(self, iface: str) -> Set[str]:
         """The addresses the kernel holds on ``iface`` now (a dump the kernel filters by interface)."""
+        return {ip for ip, _ in self.prefixes(iface)}
+
+    def prefixes(self, iface: str) -> List[Tuple[str, int]]:
+        """(address, prefix length) of each address the kernel holds on ``iface``, primary first."""
         index = _ifindex(iface)
         if index is None:
-            return set()
-        out = set()
+            return []
+        out = []
         for family in (4, 6):
             body = struct.pack("=BBBBI", AF[family], 0, 0, 0, index)
             for kind, payload in self.dump(RTM_GETADDR, body):
@@ -297,7 +301,16 @@ class Rtnl:
                 attrs = _attrs(payload, 8)
                 raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
                 if raw:
-                    out.add(socket.inet_ntop(AF[family], raw))
+                    out.append((socket.inet_ntop(AF[family], raw), payload[1]))
+        return out
+
+    def gateways(self, iface: str) -> Dict[int, str]:
+        """family -> the gateway of the main table's default route through ``iface``."""
+        out: Dict[int, str] = {}
+        for family in (4, 6):
+            for route, _ in self._routes(family, table=254):
+                if route.oif == iface and route.gateway and route.dst == _DEFAULT[family]:
+                    out.setdefault(family, route.gateway)
         return out
 
     def unusable_addresses(self) -> Set[str]:
