@@ -180,6 +180,7 @@ class Daemon:
         except PolicyRoutingError as exc:
             log.error("cannot read NetworkManager's active connections: %s", exc)
             return
+        conns = await self.loop.run_in_executor(self.executor, self._keep_activating, conns)
         try:
             result = await self.loop.run_in_executor(self.executor, self._reconcile_all, conns)
         except PolicyRoutingError as exc:
@@ -191,6 +192,14 @@ class Daemon:
         tell(result, self._told)
         if self.targeted is not None:
             await self.targeted.learn_all()
+
+    def _keep_activating(self, conns):
+        """A connection still activating shows no IP configuration over D-Bus while the hook's
+        pre-up already applied its policy (from its device or the kernel): keep what was recorded
+        for it rather than remove it; its ACTIVATED brings NetworkManager's facts."""
+        known = self.engine.known()
+        return [known[c.uuid] if not c.addresses and c.uuid in known and known[c.uuid].addresses
+                and known[c.uuid].iface == c.iface else c for c in conns]
 
     def _reconcile_all(self, conns):
         self.resident.forget_all()  # the safety net: everything read from the kernel again
