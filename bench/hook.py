@@ -1,10 +1,15 @@
 """Benchmark: the dispatcher hook's wall time per event, beside a hand-written shell hook.
 
-(a) our hook standalone (it reconciles), (b) our hook with the daemon running (it
-returns at once), baseline: bench/seed_hook.sh doing the seed's commands. Each hook
-runs inside the host namespace of a lab with a real NetworkManager, with the
-environment NetworkManager's dispatcher gives an ``up``/``down`` of 'service'.
-Also: the daemon's delay from ``nmcli connection up`` returning to verified kernel state.
+(a) our hook standalone (it reconciles), (b) our hook with the daemon running (it hands
+the event over and waits for the verified result), baseline: bench/seed_hook.sh doing
+the seed's commands. Each hook runs inside the host namespace of a lab with a real
+NetworkManager, with the environment NetworkManager's dispatcher gives an event of
+'service': ``pre-up`` (installs), ``up`` (verifies), ``pre-down`` (removes), ``down``
+(NetworkManager still reports 'service' active, so a stale ``down``: nothing to remove).
+Then, hook installed and daemon running, 100 real activations: a watcher on D-Bus and
+netlink (tests/lab/activation_watch.py) sees whether our rule and route were in the
+kernel before NetworkManager reported ACTIVATED, and how long after it they came if not;
+and the old measure, ``nmcli connection up`` returning -> our rule in the kernel.
 """
 
 from __future__ import annotations
@@ -12,13 +17,18 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List
 
 from tests.lab.netns import Lab, wait_for
 from tests.lab.nm import SERVICE_UUID
-from tests.lab.world import HOOK, World
+from tests.lab.world import HOOK, World, install_hook
+
+WATCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lab",
+                     "activation_watch.py")
+ACTIONS = ("pre-up", "up", "pre-down", "down")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POLICY = {"nm-policy-routing.enable": "yes", "nm-policy-routing.table": "100",
@@ -34,8 +44,8 @@ def event_env(world: World) -> Dict[str, str]:
     return env
 
 
-def time_hook(world: World, hook: str, count: int) -> Dict[str, List[float]]:
-    proc = world.host.run(sys.executable, os.path.join(HERE, "time_hook.py"), hook, str(count),
+def time_hook(world: World, hook: str, count: int, actions=("up", "down")) -> Dict[str, List[float]]:
+    proc = world.host.run(sys.executable, os.path.join(HERE, "time_hook.py"), hook, str(count), *actions,
                           env=event_env(world), timeout=600)
     return json.loads(proc.stdout)
 
@@ -62,7 +72,35 @@ def daemon_delay(world: World, count: int) -> List[float]:
     return delays
 
 
-def run(count: int = 20, activations: int = 100) -> Dict[str, Dict[str, float]]:
+def activations(world: World, count: int) -> List[dict]:
+    """Per activation: were our rule and route in the kernel before ACTIVATED (the watcher's view)?"""
+    ready, progress = (os.path.join(world.base, name) for name in ("watch.ready", "watch.progress"))
+    watcher = subprocess.Popen(["ip", "netns", "exec", world.host.name, sys.executable, WATCH, SERVICE_UUID,
+                                "100", str(count), ready, progress], env=world.cli_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(ready), timeout=20)
+        for n in range(count):
+            world.nm.up("service")
+            world.nm.down("service")
+            wait_for(lambda: _lines(progress) > n, timeout=20)
+        out, _ = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    return json.loads(out)["activations"]
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as handle:
+            return len(handle.readlines())
+    except FileNotFoundError:
+        return 0
+
+
+def run(count: int = 20, activation_count: int = 100) -> Dict[str, Dict[str, float]]:
     results: Dict[str, Dict[str, float]] = {}
     with Lab() as lab:
         world = World(lab, hook=False)
@@ -71,16 +109,24 @@ def run(count: int = 20, activations: int = 100) -> Dict[str, Dict[str, float]]:
             world.nm.up("mgmt")
             world.nm.up("service")
             base = time_hook(world, os.path.join(HERE, "seed_hook.sh"), count)
-            ours = time_hook(world, HOOK, count)
+            ours = time_hook(world, HOOK, count, ACTIONS)
             world.start_daemon()
-            with_daemon = time_hook(world, HOOK, count)
-            for action in ("up", "down"):
-                results[f"hook {action}, standalone"] = {
-                    "ms": median_ms(ours[action]), "baseline_ms": median_ms(base[action])}
-                results[f"hook {action}, daemon running"] = {
-                    "ms": median_ms(with_daemon[action]), "baseline_ms": median_ms(base[action])}
+            with_daemon = time_hook(world, HOOK, count, ACTIONS)
+            for action in ACTIONS:
+                shell = median_ms(base["up" if "up" in action else "down"])
+                results[f"hook {action}, standalone"] = {"ms": median_ms(ours[action]), "baseline_ms": shell}
+                results[f"hook {action}, daemon running"] = {"ms": median_ms(with_daemon[action]),
+                                                             "baseline_ms": shell}
             world.nm.down("service")
-            delays = daemon_delay(world, activations)
+            install_hook(world.nm.dispatcher_dir)
+            seen = activations(world, activation_count)
+            after = [0.0 if a["rule"] and a["route"] else (a["late_ms"] / 1000 if a["late_ms"] is not None
+                                                           else float("inf")) for a in seen]
+            results["activation -> verified kernel state, p50"] = {"ms": median_ms(after), "baseline_ms": None}
+            results["activation -> verified kernel state, p99"] = {"ms": p99_ms(after), "baseline_ms": None}
+            results["policy in the kernel before ACTIVATED"] = {
+                "ms": sum(1 for a in seen if a["rule"] and a["route"]), "baseline_ms": None, "of": len(seen)}
+            delays = daemon_delay(world, activation_count)
             results["daemon: nmcli up -> rule in kernel, p50"] = {"ms": median_ms(delays), "baseline_ms": None}
             results["daemon: nmcli up -> rule in kernel, p99"] = {"ms": p99_ms(delays), "baseline_ms": None}
         finally:

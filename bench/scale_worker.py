@@ -1,4 +1,5 @@
-"""Runs inside the bench namespace: time the engine for N connections (in-process, like the daemon).
+"""Runs inside the bench namespace: time the engine for N connections (in-process, like the daemon:
+its resident kernel, its imports).
 
 usage: scale_worker.py N STATE_DIR  -> JSON on stdout
 """
@@ -11,8 +12,11 @@ import sys
 import tempfile
 import time
 
+import nm_policy_routing.daemon  # noqa: F401  (the daemon's imports, for a representative RSS)
+from nm_policy_routing.adapters.resident import Resident, trim_heap
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
+from nm_policy_routing.scoped import Scoped
 
 def conn(i: int) -> Connection:
     """Policy connection i: incoming marking with its own mark (the automatic mark bits
@@ -36,6 +40,7 @@ def main() -> None:
     extra = conn(n)
     out = {}
     engine = Engine(state)
+    engine.keep_kernel(Resident())  # as the daemon runs it: one kernel kept open across events
     # the floor: the same objects by one `ip -batch` and one `nft -f`
     dry = Engine(tempfile.mkdtemp(), dry_run=True).reconcile(conns).commands
     batches = {}
@@ -62,10 +67,15 @@ def main() -> None:
     subprocess.run("nft delete table inet nm_policy_routing; ip -4 rule flush protocol 214; "
                    "ip -4 route flush table all protocol 214", shell=True, check=True)
     out["scratch_s"] = timed(lambda: engine.reconcile(conns))
+    trim_heap()  # as the daemon does after a full re-sync
     ups, downs = [], []
+    scoped = Scoped(engine)  # as the daemon acts on one connection's event: scoped, else the full reconcile
+    fallbacks = []
     for _ in range(10):
-        ups.append(timed(lambda: engine.ensure(extra)))
-        downs.append(timed(lambda: engine.remove(extra.uuid)))
+        ups.append(timed(lambda: scoped.ensure(extra) or fallbacks.append("up") or engine.ensure(extra)))
+        downs.append(timed(lambda: scoped.remove(extra.uuid) or fallbacks.append("down") or
+                           engine.remove(extra.uuid)))
+    out["full_reconcile_fallbacks"] = len(fallbacks)
     out["one_up_s"] = statistics.median(ups)
     out["one_down_s"] = statistics.median(downs)
     out["rss_kb"] = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])

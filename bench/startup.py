@@ -12,8 +12,8 @@ from tests.lab.netns import Lab
 from tests.lab.world import World
 
 HOOK_PATH = ("import nm_policy_routing.cli, nm_policy_routing.dispatch, nm_policy_routing.reconcile, "
-             "dbus_next.aio, nm_policy_routing.adapters.networkmanager, nm_policy_routing.adapters.kernel; "
-             "from nm_policy_routing.adapters.netlink import import_iproute; import_iproute()")
+             "nm_policy_routing.adapters.networkmanager, nm_policy_routing.adapters.kernel; "
+             "nm_policy_routing.adapters.networkmanager._no_glib(); import dbus_next.aio")
 
 
 def importtime() -> Tuple[float, List[Tuple[str, float]]]:

@@ -1,7 +1,8 @@
 """Run inside the host namespace: time a hook script per event, N times each (stdlib only).
 
-usage: time_hook.py HOOK N  (environment: the event's variables, as the dispatcher passes them)
-prints JSON {"up": [seconds...], "down": [...]}
+usage: time_hook.py HOOK N [ACTION...]  (environment: the event's variables, as the dispatcher
+passes them; actions default to up down, run in that order N times)
+prints JSON {"up": [seconds...], "down": [...], ...}
 """
 
 import json
@@ -13,10 +14,11 @@ import time
 
 def main() -> None:
     hook, count = sys.argv[1], int(sys.argv[2])
+    actions = sys.argv[3:] or ["up", "down"]
     env = dict(os.environ)
-    out = {"up": [], "down": []}
+    out = {action: [] for action in actions}
     for _ in range(count):
-        for action in ("up", "down"):
+        for action in actions:
             env["NM_DISPATCHER_ACTION"] = action
             start = time.perf_counter()
             subprocess.run([hook, "eth1", action], env=env, stdout=subprocess.DEVNULL,

@@ -38,7 +38,8 @@ def manpage(parser: argparse.ArgumentParser) -> str:
     out += [".SH FILES", ".TP", ".B /etc/nm\\-policy\\-routing/defaults.conf",
             "Global defaults: sections [defaults], [type:TYPE], [interface:PATTERN]; profile keys win.",
             ".TP", ".B /run/nm\\-policy\\-routing/", "The record: active connections, allocations, previous "
-            "sysctl values, the last outcome per connection; daemon.lock while the daemon runs.",
+            "sysctl values, the last outcome per connection; daemon.lock and handoff.sock (where the "
+            "dispatcher hook hands events over, root only) while the daemon runs.",
             ".SH EXAMPLES", ".nf", _roff(parser.epilog or ""), ".fi",
             ".SH SEE ALSO", "nmcli(1), NetworkManager\\-dispatcher(8), ip\\-rule(8), nft(8)"]
     return "\n".join(out) + "\n"

@@ -1,19 +1,24 @@
 """The D-Bus listener: follow NetworkManager and keep every active connection's policy right.
 
-Subscribe first, then snapshot and reconcile. Any relevant signal (activation,
-deactivation, IP configuration, a profile edited or removed, NetworkManager
-restarting) schedules one coalesced resync: snapshot all active connections and
-reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
+Subscribe first, then snapshot and reconcile. A signal about one connection (its
+state, its device's or IP configuration's properties) is acted on for that connection
+alone (targeted.py); any other relevant signal (a profile edited or removed,
+NetworkManager restarting) schedules one coalesced resync: snapshot all active
+connections and reconcile. Netlink events (a link coming back, one of our routes or rules deleted)
 schedule the same. Signals are accepted only from the current owner of
 NetworkManager's bus name. While it follows NetworkManager, the daemon holds
-``daemon.lock`` in the state directory (daemonlock.py): the dispatcher hook sees it
-and leaves the work to the daemon.
+``daemon.lock`` in the state directory (daemonlock.py) and serves ``handoff.sock``
+there: the dispatcher hook hands each event over and waits for the verified result
+(handoff.py, targeted.py), so on ``pre-up`` the policy is in the kernel before
+NetworkManager reports the connection activated. All engine work runs on one worker
+thread, in order.
 
 A lost bus (dbus-daemon died or stopped answering) is noticed at once (the connection
 ends) or by the heartbeat (a ping without answer): the daemon logs it, lets go of
-``daemon.lock`` (so the hook works meanwhile), reconnects with backoff and re-syncs.
-Under systemd with ``WatchdogSec=`` it sends ``WATCHDOG=1`` only while the bus answers
-and no re-sync is stuck, so systemd restarts a daemon that is not really following.
+``daemon.lock``, answers handed-over events with "act yourself" (so the hook works
+meanwhile), reconnects with backoff and re-syncs. Under systemd with ``WatchdogSec=``
+it sends ``WATCHDOG=1`` only while the bus answers and no re-sync is stuck, so systemd
+restarts a daemon that is not really following.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Optional, Tuple
 
 from . import daemonlock
 from .adapters.networkmanager import ACTIVE, DEVICE, NM, PROPS, SETTINGS_CONN, NetworkManagerBus
+from .adapters.resident import Resident, trim_heap
 from .errors import NetworkManagerError, PolicyRoutingError
+from .handoff import HandoffServer, Request
 from .reconcile import Engine
 from .story import tell
+from .targeted import Targeted
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +102,13 @@ class Daemon:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.wake: Optional[asyncio.Event] = None
         self.stopping = False
-        #: (kind, family, table, dst or priority) of the entries the last reconcile installed: a
-        #: deletion of one of ours schedules a resync only if it is one of these (our own deletions
-        #: of stale or undone entries are not news, and must not loop); None: not known yet
-        self._wanted: Optional[Set[Tuple]] = None
         self._lock_fd: Optional[int] = None
+        #: every engine call runs here, one at a time
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.handoff: Optional[HandoffServer] = None
+        self.resident = Resident()
+        engine.keep_kernel(self.resident)
+        self.targeted: Optional[Targeted] = None
         self._stop: Optional[asyncio.Event] = None
         #: set when the bus is found dead (by the heartbeat); the connection loop reconnects
         self._lost: Optional[asyncio.Event] = None
@@ -116,6 +127,8 @@ class Daemon:
             if msg.body and msg.body[0] == NM:
                 self.owner = msg.body[2] or None
                 log.info("NetworkManager %s", "appeared" if self.owner else "went away")
+                if self.targeted is not None:
+                    self.targeted.forget()
                 if self.owner:
                     self.schedule("NetworkManager (re)started")
             return
@@ -125,7 +138,9 @@ class Daemon:
                             msg.interface, msg.member, msg.sender)
             return
         if relevant(msg):
-            self.schedule(f"{msg.interface}.{msg.member} on {msg.path}")
+            taken = self.targeted.takes(msg) if self.targeted is not None else False
+            if taken is False:
+                self.schedule(f"{msg.interface}.{msg.member} on {msg.path}")
 
     def schedule(self, why: str) -> None:
         """Ask for a resync (thread-safe); bursts collapse into one."""
@@ -165,59 +180,78 @@ class Daemon:
         except PolicyRoutingError as exc:
             log.error("cannot read NetworkManager's active connections: %s", exc)
             return
+        conns = await self.loop.run_in_executor(self.executor, self._keep_activating, conns)
         try:
-            result = await self.loop.run_in_executor(None, self.engine.reconcile, conns)
+            result = await self.loop.run_in_executor(self.executor, self._reconcile_all, conns)
         except PolicyRoutingError as exc:
             log.error("reconcile failed: %s", exc)
             return
         except Exception:  # the per-event fence: log, keep serving
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
-        self._wanted = {key for cp in result.plans if cp.status == "ok" for key in _keys(cp.state)}
         tell(result, self._told)
+        if self.targeted is not None:
+            await self.targeted.learn_all()
+
+    def _keep_activating(self, conns):
+        """A connection still activating shows no IP configuration over D-Bus while the hook's
+        pre-up already applied its policy (from its device or the kernel): keep what was recorded
+        for it rather than remove it; its ACTIVATED brings NetworkManager's facts."""
+        known = self.engine.known()
+        return [known[c.uuid] if not c.addresses and c.uuid in known and known[c.uuid].addresses
+                and known[c.uuid].iface == c.iface else c for c in conns]
+
+    def _reconcile_all(self, conns):
+        self.resident.forget_all()  # the safety net: everything read from the kernel again
+        try:
+            return self.engine.reconcile(conns)
+        finally:
+            trim_heap()
+
+    async def _on_handoff(self, request: Request) -> Tuple[str, str]:
+        """An event the dispatcher hook handed over: act on that connection alone, then answer."""
+        if self.targeted is None or self.nm is None or not self.nm.connected:
+            return "fallback", "the daemon has no connection to the D-Bus system bus right now"
+        try:
+            verdict, text = await self.targeted.handle(request)
+        except Exception:  # the per-event fence: log, let the hook act itself
+            log.exception("unexpected error on %s; the hook acts itself", request)
+            return "fallback", "unexpected error in the daemon (see its log)"
+        log.info("%s", text)
+        return verdict, text
 
     # ---- netlink watch -------------------------------------------------
 
     def _watch_netlink(self) -> None:
-        """Links coming up, our routes or rules deleted: resync (runs in a thread)."""
-        from .adapters.netlink import import_iproute
+        """Links coming up, our routes or rules deleted, notifications lost: resync (runs in a thread)."""
+        from .adapters.rtnlwatch import RtnlWatch
 
-        IPRoute = import_iproute()
-        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE,
-                                           RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK)
-        from .adapters.netlink import IFA_F_DADFAILED, IFA_F_TENTATIVE
-        from .model import RT_PROTO
-
-        groups = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE
-        groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR  # an address ready (DAD done): a policy waits for it
-        groups |= 0x40000  # RTMGRP_IPV6_RULE: 1 << (RTNLGRP_IPV6_RULE - 1)
-        with IPRoute() as ipr:
-            ipr.bind(groups=groups)
+        watch = RtnlWatch(ignore_portid=self.resident.portid)
+        try:
             while not self.stopping:
                 try:
-                    messages = ipr.get()
-                except Exception:  # the thread's fence: log, keep watching
+                    events = watch.events()
+                except OSError:  # the thread's fence: log, keep watching
                     log.exception("netlink watch failed")
                     time.sleep(1)
                     continue
-                for msg in messages:
-                    event = msg.get("event")
-                    if event == "RTM_NEWLINK" and msg.get("flags", 0) & 1:  # IFF_UP
-                        self.schedule(f"link {msg.get('ifname')} up")
-                    elif event == "RTM_NEWADDR" and not _addr_flags(msg) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
-                        self.schedule(f"address {msg.get('IFA_ADDRESS')} usable")
-                    elif event in ("RTM_DELROUTE", "RTM_DELRULE") and \
-                            (msg.get("proto") == RT_PROTO or msg.get("protocol") == RT_PROTO):
-                        wanted, key = self._wanted, _deleted_key(msg)
-                        if wanted is None or key is None or key in wanted:
-                            self.schedule(f"{event} of ours")
+                if any(e.routes for e in events):
+                    self.resident.forget_routes()
+                if any(e.rules for e in events):
+                    self.resident.forget_rules()
+                if any(e.link for e in events):
+                    self.resident.forget_sysctls()  # a new link of the same name starts with defaults
+                for text in dict.fromkeys(e.text for e in events if e.resync or e.usable):
+                    self.schedule(text)  # (a usable address: a policy may wait for it, DAD done)
+        finally:
+            watch.close()
 
     def _watch_nftables(self) -> None:
         """Our nft table deleted or changed by someone (``nft flush ruleset``): resync (a thread)."""
         from .adapters.nfnetlink import NftWatch
         from .model import NFT_TABLE
 
-        watch = NftWatch()
+        watch = NftWatch(ignore_pid=self.resident.thread_id)
         try:
             while not self.stopping:
                 try:
@@ -228,6 +262,10 @@ class Daemon:
                     continue
                 touched = [name for name, table in events if table == NFT_TABLE]
                 if touched:
+                    self.resident.forget_ours()
+                if any(table != NFT_TABLE or name == "overrun" for name, table in events):
+                    self.resident.forget_foreign()
+                if touched:
                     self.schedule(f"nftables {', '.join(sorted(set(touched)))} on our table")
         finally:
             watch.close()
@@ -236,7 +274,7 @@ class Daemon:
         """A slow periodic resync, for what sends no notification (a sysctl changed by hand)."""
         while not self.stopping:
             await asyncio.sleep(SAFETY_RESYNC_SECONDS)
-            self.schedule("periodic check")
+            self.schedule("periodic check")  # a full re-sync: it forgets every remembered view
 
     # ---- liveness ------------------------------------------------------
 
@@ -280,6 +318,9 @@ class Daemon:
             nm.disconnect()
             raise
         self.nm = nm
+        if self.targeted is not None:  # NetworkManager's object paths may mean other things now
+            self.targeted.nm = nm
+            self.targeted.forget()
 
     async def _connect_with_backoff(self) -> bool:
         """Connect, retrying with growing delays; False if asked to stop meanwhile."""
@@ -348,6 +389,10 @@ class Daemon:
             await self.resync()
         else:
             log.warning("NetworkManager is not running; waiting for it")
+        self.targeted = Targeted(self.nm, self.engine, self.executor)
+        await self.targeted.learn_all()
+        self.handoff = HandoffServer(self.engine.directory, self._on_handoff)
+        await self.handoff.start()
         worker = asyncio.ensure_future(self._resync_forever())
         sd_notify("READY=1\nSTATUS=following NetworkManager")
         log.info("nm-policy-routing daemon ready (NetworkManager is %s)", self.owner or "absent")
@@ -355,11 +400,13 @@ class Daemon:
             pass
         log.info("stopping; the installed policies stay in place")
         sd_notify("STOPPING=1")
+        self.handoff.close()
         self.stopping = True
         self.wake.set()
         for task in tasks:
             task.cancel()
         await worker
+        await self.loop.run_in_executor(self.executor, self.resident.shutdown)
         if self.nm is not None:
             self.nm.disconnect()
 
@@ -382,35 +429,6 @@ class Daemon:
         else:
             log.warning("NetworkManager is not running; waiting for it")
         return True
-
-
-def _keys(state: Any) -> Set[Tuple]:
-    keys: Set[Tuple] = {("route", r.family, r.table, _net(r.dst)) for r in state.routes}
-    return keys | {("rule", r.family, r.table, r.priority) for r in state.rules}
-
-
-def _net(text: str) -> str:
-    import ipaddress
-
-    return str(ipaddress.ip_network(text, strict=False))
-
-
-def _deleted_key(msg: Any) -> Optional[Tuple]:
-    """The key of a deleted route or rule, as :func:`_keys` makes them (None if unreadable)."""
-    try:
-        family = 6 if msg["family"] == socket.AF_INET6 else 4
-        if msg.get("event") == "RTM_DELRULE":
-            return ("rule", family, msg.get("FRA_TABLE") or msg["table"], msg.get("FRA_PRIORITY") or 0)
-        dst = msg.get("RTA_DST")
-        return ("route", family, msg.get("RTA_TABLE") or msg["table"],
-                _net(f"{dst}/{msg['dst_len']}" if dst else ("::/0" if family == 6 else "0.0.0.0/0")))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _addr_flags(msg: Any) -> int:
-    flags = msg.get("IFA_FLAGS")
-    return msg.get("flags", 0) if flags is None else flags
 
 
 def run(engine: Engine) -> None:

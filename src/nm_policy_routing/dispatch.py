@@ -117,7 +117,7 @@ async def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optiona
                 continue  # it went away meanwhile
             if props.get("Uuid") != uuid:
                 continue
-            found = await nm.facts(path) if with_facts else None
+            found = await nm.facts(path, device_config=True) if with_facts else None
             return int(props.get("State", 0)), found[0] if found else None
         return None, None
     finally:

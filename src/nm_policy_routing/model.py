@@ -6,9 +6,10 @@ Nothing here does I/O or imports an adapter.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Container, FrozenSet, Mapping, Optional, Tuple
+from typing import Container, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 PREFIX = "nm-policy-routing."
 
@@ -43,16 +44,32 @@ class Address:
 
     @property
     def network(self) -> str:
-        return str(ipaddress.ip_interface(f"{self.ip}/{self.prefixlen}").network)
+        return _network(self.ip, self.prefixlen)
 
     @property
     def link_local(self) -> bool:
-        return ipaddress.ip_address(self.ip).is_link_local
+        return _link_local(self.ip)
 
     @classmethod
     def parse(cls, text: str) -> "Address":
-        iface = ipaddress.ip_interface(text.strip())
-        return cls(str(iface.ip), iface.network.prefixlen)
+        return cls(*_parse_address(text.strip()))
+
+
+# ipaddress parses slowly and the daemon meets the same addresses at every event: remember
+@functools.lru_cache(maxsize=4096)
+def _network(ip: str, prefixlen: int) -> str:
+    return str(ipaddress.ip_interface(f"{ip}/{prefixlen}").network)
+
+
+@functools.lru_cache(maxsize=4096)
+def _link_local(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_link_local
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_address(text: str) -> Tuple[str, int]:
+    iface = ipaddress.ip_interface(text)
+    return str(iface.ip), iface.network.prefixlen
 
 
 def real_gateway(text: Optional[str]) -> Optional[str]:
@@ -318,6 +335,22 @@ class KernelState:
 
     def __bool__(self) -> bool:
         return bool(self.rules or self.routes or self.marks or self.sysctls or self.sockmarks)
+
+    @classmethod
+    def union(cls, states: "Iterable[KernelState]") -> "KernelState":
+        """All of ``states`` at once (``a | b | ...`` copies the growing sets each time: O(N^2))."""
+        rules: set = set()
+        routes: set = set()
+        marks: set = set()
+        sysctls: set = set()
+        sockmarks: set = set()
+        for state in states:
+            rules.update(state.rules)
+            routes.update(state.routes)
+            marks.update(state.marks)
+            sysctls.update(state.sysctls)
+            sockmarks.update(state.sockmarks)
+        return cls(frozenset(rules), frozenset(routes), frozenset(marks), frozenset(sysctls), frozenset(sockmarks))
 
     def entries(self) -> list:
         return [*sorted(self.sysctls), *sorted(self.routes), *sorted(self.rules), *sorted(self.marks),

@@ -57,10 +57,7 @@ class Plan:
 
     @property
     def desired(self) -> KernelState:
-        state = KernelState()
-        for cp in self.connections:
-            state = state | cp.state
-        return state
+        return KernelState.union(cp.state for cp in self.connections)
 
     @property
     def allocations(self) -> Dict[str, Allocation]:
@@ -85,6 +82,7 @@ def rules_stamp() -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4096)
 def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
     """What a validated policy is remembered by: its inputs and the rules it was validated by."""
     text = json.dumps([user_data, defaults, rules_stamp()], separators=(",", ":"))
@@ -136,6 +134,8 @@ class _Allocator:
 
     def __post_init__(self) -> None:
         self.foreign_priorities = {p for _, p in self.foreign.priorities}
+        #: self.marks by mask, then value: two marks of one mask overlap only when equal
+        self._by_mask: Dict[int, Dict[int, Tuple[Fwmark, str]]] = {}
 
     def table_taken(self, table: int) -> bool:
         return table in self.tables or table in self.foreign.tables
@@ -144,9 +144,15 @@ class _Allocator:
         for other, owner in self.foreign.marks:
             if other.overlaps(mark):
                 return f"mark bits 0x{other.mask & mark.mask:x} are used by {owner} ({other})"
-        for other, owner in self.marks:
-            if other.overlaps(mark):
-                return f"fwmark {mark} overlaps {other} of connection {owner}{_KEPT}"
+        for mask, values in self._by_mask.items():  # O(masks in use), not O(connections)
+            if mask == mark.mask:
+                other = values.get(mark.value & mark.mask)
+                if other is not None:
+                    return f"fwmark {mark} overlaps {other[0]} of connection {other[1]}{_KEPT}"
+                continue
+            for other, owner in values.values():
+                if other.overlaps(mark):
+                    return f"fwmark {mark} overlaps {other} of connection {owner}{_KEPT}"
         return None
 
     def explicit(self, label: str, policy: Policy, previous: Optional[Allocation]) -> List[str]:
@@ -208,6 +214,7 @@ class _Allocator:
         self.priorities[priority] = label
         if mark is not None:
             self.marks.append((mark, label))
+            self._by_mask.setdefault(mark.mask, {}).setdefault(mark.value & mark.mask, (mark, label))
         return Allocation(table, priority, mark), []
 
     def _auto_mark(self, uuid: str, previous: Optional[Allocation], problems: List[str]) -> Optional[Fwmark]:

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: validated policies of connections no longer active that the record keeps
+KEEP_UNUSED_POLICIES = 32
+#: uuid -> its addresses last told as not usable yet (the daemon tells each change once)
+_TOLD_WAITING: Dict[str, Tuple[str, ...]] = {}
 #: reads the active connections (None: unknown, re-apply the recorded ones); see Engine.reconcile
 Snapshot = Callable[[], Optional[Sequence[Connection]]]
 
@@ -107,6 +111,10 @@ class Engine:
         self.dry_run = dry_run
         self._defaults = defaults
         self._kernel_factory = kernel_factory
+
+    def keep_kernel(self, factory: Callable[[], Kernel]) -> None:
+        """Use ``factory`` for every call's kernel (the daemon keeps one open across events)."""
+        self._kernel_factory = factory
 
     def defaults(self) -> "Defaults":
         """The global defaults file, read at each reconcile (edits apply at the next one)."""
@@ -225,7 +233,9 @@ class Engine:
         before = before | apps.read(kernel, apps.targets(settled), record.data)
         result.owner = owners_of(known_before, previous, the_plan.connections)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}
-        record.set_policies({k: p for k, p in cache.items() if p in used})
+        # the policies in use, and a few of connections gone (they come back: no pydantic then)
+        spare = [k for k, p in cache.items() if p not in used][-KEEP_UNUSED_POLICIES:]
+        record.set_policies({k: p for k, p in cache.items() if p in used or k in spare})
         record.set_connections(conns)
         record.set_allocations({**{u: a for u, a in record.allocations().items() if u in conns},
                                 **the_plan.allocations})
@@ -249,7 +259,8 @@ class Engine:
                     failures.append(f"IPv{family}: {exc}")
                     continue
                 added[cp.connection.uuid] = added.get(cp.connection.uuid, KernelState()) | todo
-                current = current | todo
+                if todo:  # (a union copies every set: only when there is something to add)
+                    current = current | todo
                 kept = kept | part
             if failures and not (kept.rules or kept.routes):  # the caller logs the error (story.py)
                 plans.append(with_status(cp, "error", [_failed(cp, "; ".join(failures))]))
@@ -260,10 +271,7 @@ class Engine:
             plans.append(cp)
         plans, attached = apps.attach(kernel, plans, before, app_notes, result)  # after the rules
         current = current | attached
-        target = KernelState()
-        for cp in plans:
-            if cp.status == "ok":
-                target = target | cp.state
+        target = KernelState.union(cp.state for cp in plans if cp.status == "ok")
         try:
             self._set_marks(kernel, before, target, result)
         except PolicyRoutingError as exc:
@@ -277,7 +285,8 @@ class Engine:
             self._remove_stale(kernel, record, current, target, result, restored)
             if not self.dry_run:
                 fault_point("verify")
-                self._verify(kernel, record, target)
+                if result.changes:  # without a change, the read above verified it
+                    self._verify(kernel, record, target)
         except PolicyRoutingError:
             roll_back(kernel, record, before)
             record.save()
@@ -304,8 +313,10 @@ class Engine:
             waiting = [a.ip for a in conn.addresses if a.ip in unusable and not a.link_local]  # unplanned
             if waiting:
                 result.waiting[conn.uuid] = waiting
-                log.debug("%s: address %s is not usable yet (duplicate address detection); the policy for "
-                          "it follows when it is", named(conn), ", ".join(waiting), extra=about(conn))
+                if _TOLD_WAITING.get(conn.uuid) != tuple(waiting):  # once per change (pre-up, up, signals)
+                    log.info("%s: address %s is not usable yet (duplicate address detection); the policy "
+                             "for it follows when it is", named(conn), ", ".join(waiting), extra=about(conn))
+            _TOLD_WAITING[conn.uuid] = tuple(waiting)
         return result.waiting
 
     def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:

@@ -53,8 +53,9 @@ def owners_of(previous: Dict[str, Connection], allocations: Dict[str, Allocation
     return owner
 
 
-def entries(result: "Result") -> List[Tuple[int, Optional[Connection], str]]:
-    """(level, connection, text) for each log entry telling ``result``; pure, for tests."""
+def entries(result: "Result", why: str = "") -> List[Tuple[int, Optional[Connection], str]]:
+    """(level, connection, text) for each log entry telling ``result``; pure, for tests. ``why``:
+    the event that caused it, when one did (the daemon's events about one connection)."""
     from .journal import named
 
     active = {cp.connection.uuid: cp for cp in result.plans}
@@ -76,7 +77,7 @@ def entries(result: "Result") -> List[Tuple[int, Optional[Connection], str]]:
             what = "policy applied" if any(c.startswith(("add", "set")) for c in changes) else "policy updated"
         else:  # refused: what it had added is taken back; the error below tells the event
             what, level = "partial changes rolled back", logging.DEBUG
-        out.append((level, conn, f"{named(conn)}: {what}: {'; '.join(changes)}"))
+        out.append((level, conn, f"{named(conn)}: {what}{f' on {why}' if why else ''}: {'; '.join(changes)}"))
     for text in shared:
         out.append((logging.INFO, None, text))
     for cp in result.plans:
@@ -93,13 +94,13 @@ def entries(result: "Result") -> List[Tuple[int, Optional[Connection], str]]:
     return out
 
 
-def tell(result: "Result", seen: Optional[Dict[str, Tuple[str, ...]]] = None) -> None:
+def tell(result: "Result", seen: Optional[Dict[str, Tuple[str, ...]]] = None, why: str = "") -> None:
     """Log ``result``. ``seen``: the errors last told per connection (the daemon's); an error
     already told is not repeated at every resync, only when it changes."""
     from .journal import about
 
     refused = {cp.connection.uuid: tuple(cp.errors) for cp in result.plans if cp.errors}
-    for level, conn, text in entries(result):
+    for level, conn, text in entries(result, why):
         if level >= logging.ERROR and conn is not None and seen is not None \
                 and seen.get(conn.uuid) == refused.get(conn.uuid):
             continue

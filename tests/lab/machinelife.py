@@ -39,7 +39,20 @@ def lifecycle(m: Machine, seed: Seed, checks: Checks, svm0: int) -> None:
     checks.check("nmcli connection down service: removed, src_valid_mark restored",
                  wait_state(m, lambda s: clean(s, svm0)))
     m.exec("nmcli", "--wait", "30", "connection", "up", "service")
+    rules4 = [r for r in m.netns.ipj("-4", "rule") if r.get("priority") == 1000 and str(r.get("table")) == "100"]
+    # NetworkManager 1.52 shows no IP configuration over D-Bus on pre-up: the service takes the facts from
+    # what the kernel holds on eth1 (IPv6 follows duplicate address detection)
+    checks.check("nmcli connection up service: its IPv4 policy in the kernel already when it returns (the hook "
+                 "handed pre-up to the service, which answered once verified)", len(rules4) == 1)
     checks.check("nmcli connection up service: applied", wait_state(m, exactly_once))
+    mode = m.exec("stat", "-c", "%a %U", f"/run/{PACKAGE}/handoff.sock", check=False).stdout.strip()
+    handed = m.exec("journalctl", "-u", PACKAGE, "-b", "--no-pager", "-o", "cat", check=False).stdout
+    show("the service's journal, events handed over by the hook:",
+         "\n".join(line for line in handed.splitlines() if " for service " in line or "service" in line
+                   and ("pre-" in line or " of " in line))[-3000:])
+    checks.check(f"handoff.sock is root's only ({mode}); the service's journal shows the handed-over pre-up "
+                 "and up", mode == "600 root" and any("pre-up for service" in line for line in handed.splitlines())
+                 and any(line.startswith("up for service") for line in handed.splitlines()))
     replies_by_eth1(checks, seed, m)
     status = cli(m, "status")
     show(f"$ {PACKAGE} status", status.stdout + status.stderr)

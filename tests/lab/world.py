@@ -178,6 +178,11 @@ class World:
             for obj in item.values():  # handles change when a table is made anew
                 if isinstance(obj, dict):
                     obj.pop("handle", None)
+                    if isinstance(obj.get("elem"), list):
+                        obj["elem"] = sorted(obj["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+        # the same table, whatever order its chains and elements were added in (a chain's rules
+        # keep their order: the sort is stable and rules sort by their chain only)
+        nft["nftables"] = sorted(nft.get("nftables", []), key=_nft_order)
         return {
             "rules4": self.host.ipj("-4", "rule"),
             "rules6": self.host.ipj("-6", "rule"),
@@ -190,3 +195,10 @@ class World:
 
     def wait_rules(self, predicate, timeout: float = 15) -> bool:
         return bool(wait_for(lambda: predicate(self.our_rules()), timeout=timeout))
+
+
+def _nft_order(item: Dict[str, Any]) -> tuple:
+    if "rule" in item:
+        rule = item["rule"]
+        return ("rule", rule.get("family"), rule.get("table"), rule.get("chain"), "")
+    return ("", "", "", "", json.dumps(item, sort_keys=True))

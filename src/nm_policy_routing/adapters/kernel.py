@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from .. import commands
+from .. import commands, nftdelta
+from ..errors import KernelError
 from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, SockMark, Sysctl
 from . import cgroups, nfnetlink, sysctl
-from .netlink import Netlink
+from .rtnl import Rtnl
 from .nftables import Nftables
 
 
@@ -15,10 +16,12 @@ class LiveKernel:
     """Reads and writes what is ours in the current network namespace."""
 
     def __init__(self) -> None:
-        self.netlink = Netlink()
+        self.netlink = Rtnl()
         self.nft = Nftables()
         self.nft_exists = False
         self.nft_intact = True
+        #: our marks as last read or written (the base of an element-by-element change)
+        self._nft_marks: Optional[Set[Mark]] = None
         self.sockmark_targets: Set[str] = set()
         self._paths: Dict[str, Optional[str]] = {}
         #: program id -> (value, mask): the socket programs we attached (from the record), and
@@ -32,6 +35,7 @@ class LiveKernel:
     def read(self, sysctl_slots: Iterable[str]) -> KernelState:
         self.netlink.invalidate()
         marks, self.nft_intact, self.nft_exists = self.nft.our_marks()
+        self._nft_marks = set(marks)
         return KernelState(
             frozenset(self.netlink.our_rules()),
             frozenset(self.netlink.our_routes()),
@@ -127,8 +131,18 @@ class LiveKernel:
         nfnetlink.flush_conntrack_mark(mark.value, mark.mask)
 
     def set_marks(self, marks: Iterable[Mark]) -> None:
-        self.nft.replace(marks, self.nft_exists)
-        self.nft_exists = bool(set(marks))
+        marks = set(marks)
+        change = nftdelta.delta(self._nft_marks, marks) \
+            if self.nft_exists and self.nft_intact and self._nft_marks is not None else None
+        if change is None:
+            self.nft.replace(marks, self.nft_exists)
+        elif change["nftables"]:
+            try:
+                self.nft.change(change)
+            except KernelError:  # the table changed under us: write it whole
+                self.nft.replace(marks, self.nft_exists)
+        self._nft_marks = marks
+        self.nft_exists = bool(marks)
         self.nft_intact = True
 
 

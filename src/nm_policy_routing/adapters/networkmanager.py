@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import NetworkManagerError, NotPermittedError
@@ -36,6 +37,13 @@ CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 10.0
 
 
+def _no_glib() -> None:
+    """dbus-next's package imports its GLib flavour, which imports PyGObject when installed
+    (~10-30 ms and a few MB): we use the asyncio flavour only. Called before importing it."""
+    if "dbus_next" not in sys.modules:
+        sys.modules.setdefault("gi", None)  # its 'import gi' then fails at once, as without PyGObject
+
+
 def _plain(value: Any) -> Any:
     """Variants -> plain Python values, recursively."""
     from dbus_next import Variant
@@ -49,6 +57,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _config(active: Dict[str, Any], device: Dict[str, Any], key: str) -> str:
+    """The active connection's Ip4Config/Ip6Config path, else its device's."""
+    path = active.get(key) or "/"
+    return path if path != "/" else device.get(key) or "/"
+
+
+async def _nothing() -> Dict[str, str]:
+    return {}
+
+
 class NetworkManagerBus:
     """An async client of NetworkManager on the system bus."""
 
@@ -56,6 +74,7 @@ class NetworkManagerBus:
         self.bus = None
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> "NetworkManagerBus":
+        _no_glib()
         from dbus_next import BusType
         from dbus_next.aio import MessageBus
 
@@ -170,14 +189,6 @@ class NetworkManagerBus:
         addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
         return addrs, real_gateway(props.get("Gateway"))
 
-    async def _device_interface(self, devices: List[str]) -> str:
-        for device in devices:
-            dev = await self.props(device, DEVICE)
-            iface = dev.get("IpInterface") or dev.get("Interface") or ""
-            if iface:
-                return iface
-        return ""
-
     async def _vpn_interface(self, ip4: str, ip6: str) -> str:
         """A VPN's IP interface (tun0), which its ``Devices`` do not give: they list the parent.
 
@@ -198,20 +209,36 @@ class NetworkManagerBus:
                 return dev.get("IpInterface") or dev.get("Interface") or ""
         return ""
 
-    async def facts(self, active_path: str) -> Optional[Tuple[Connection, int]]:
-        """The planner's view of one active connection, with its state; None if it vanished."""
-        try:
-            active = await self.props(active_path, ACTIVE)
+    async def facts(self, active_path: str, device_config: bool = False,
+                    device_hint: Optional[str] = None) -> Optional[Tuple[Connection, int]]:
+        """The planner's view of one active connection, with its state; None if it vanished.
+
+        ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
+        take its device's (for one event about this connection, whose addresses the caller
+        checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
+        (read at the same time as the connection)."""
+        try:  # independent calls go out together: each round trip waits for two other processes
+            if device_hint:
+                active, hinted = await asyncio.gather(self.props(active_path, ACTIVE), self.props(device_hint, DEVICE))
+            else:
+                active, hinted = await self.props(active_path, ACTIVE), {}
         except NetworkManagerError:
             return None
-        ip4, ip6 = active.get("Ip4Config", "/"), active.get("Ip6Config", "/")
-        if active.get("Vpn"):
-            iface = await self._vpn_interface(ip4, ip6)
+        if active.get("Vpn"):  # its Devices list its parent: never borrow the parent's configuration
+            iface, dev = await self._vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/")), {}
         else:
-            iface = await self._device_interface(active.get("Devices", []))
-        addr4, gw4 = await self._ip(ip4)
-        addr6, gw6 = await self._ip(ip6)
-        user = await self.user_data(active["Connection"]) if active.get("Connection") else {}
+            iface, dev = "", {}
+            for device in active.get("Devices", []):
+                dev = hinted if device == device_hint else await self.props(device, DEVICE)
+                iface = dev.get("IpInterface") or dev.get("Interface") or ""
+                if iface:
+                    break
+        # on pre-up the active connection shows no IP configuration yet ("/"), its device does
+        # (and the kernel holds it)
+        borrow = dev if device_config else {}
+        (addr4, gw4), (addr6, gw6), user = await asyncio.gather(
+            self._ip(_config(active, borrow, "Ip4Config")), self._ip(_config(active, borrow, "Ip6Config")),
+            self.user_data(active["Connection"]) if active.get("Connection") else _nothing())
         conn = Connection(
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
             addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,

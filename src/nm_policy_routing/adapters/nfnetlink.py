@@ -14,7 +14,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import NFT_TABLE
@@ -26,6 +26,7 @@ CTA_MARK, CTA_MARK_MASK = 8, 21
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFNLGRP_NFTABLES = 7
+NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
 #: nftables messages whose first attribute (type 1) is the table name
 NFT_MSG_NAMES = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule",
                  9: "newset", 11: "delset", 12: "newsetelem", 14: "delsetelem"}
@@ -40,16 +41,28 @@ def _message(msg_type: int, flags: int, body: bytes, seq: int = 1) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
 
 
-def flush_conntrack_mark(value: int, mask: int) -> None:
+def conntrack_socket() -> socket.socket:
+    """A socket for :func:`flush_conntrack_mark`. Keep it: closing a netlink socket waits for an
+    RCU grace period (~10 ms here), more than the flush itself."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    sock.settimeout(5)
+    sock.bind((0, 0))
+    return sock
+
+
+def flush_conntrack_mark(value: int, mask: int, sock: Optional[socket.socket] = None) -> None:
     """Delete every conntrack entry with (ct mark & mask) == value; ENOENT (none) is fine."""
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
     body += _attr(CTA_MARK, struct.pack(">I", value)) + _attr(CTA_MARK_MASK, struct.pack(">I", mask))
     msg = _message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, body)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
-        sock.settimeout(5)
-        sock.bind((0, 0))
+    own = sock is None
+    sock = conntrack_socket() if sock is None else sock
+    try:
         sock.send(msg)
         reply = sock.recv(65536)
+    finally:
+        if own:
+            sock.close()
     code = _ack(reply)
     if code in (0, errno.ENOENT):
         return
@@ -88,26 +101,53 @@ def _first_string_attr(payload: bytes) -> str:
     return ""
 
 
-class NftWatch:
-    """A socket subscribed to nftables notifications; :meth:`events` blocks for the next batch."""
+def _gen_pid(payload: bytes) -> Optional[int]:
+    """NFTA_GEN_PROC_PID of a NEWGEN message: the thread that committed the batch."""
+    offset = 4
+    while offset + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == NFTA_GEN_PROC_PID and length >= 8:
+            return struct.unpack_from(">I", payload, offset + 4)[0]
+        offset += (length + 3) & ~3
+    return None
 
-    def __init__(self) -> None:
+
+class NftWatch:
+    """A socket subscribed to nftables notifications; :meth:`events` blocks for the next batch.
+
+    ``ignore_pid()`` names a thread whose own committed batches are not reported (the
+    daemon's engine thread: it verifies its own changes); each batch ends with a NEWGEN
+    message that names the committing thread."""
+
+    def __init__(self, ignore_pid: Optional[Callable[[], Optional[int]]] = None) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        self.ignore_pid = ignore_pid or (lambda: None)
+        self._pending: List[Tuple[str, str]] = []
 
     def events(self) -> List[Tuple[str, str]]:
-        """(message name, table) of the next batch of nftables changes."""
+        """(message name, table) of the next complete batches of nftables changes."""
         try:
             data = self.sock.recv(1 << 20)
         except OSError as exc:
             if exc.errno == errno.ENOBUFS:  # we missed some: say "something changed"
+                self._pending = []
                 return [("overrun", NFT_TABLE)]
             raise
         out = []
         for msg_type, payload in _messages(data):
-            if msg_type >> 8 == NFNL_SUBSYS_NFTABLES and (msg_type & 0xFF) in NFT_MSG_NAMES:
-                out.append((NFT_MSG_NAMES[msg_type & 0xFF], _first_string_attr(payload)))
+            if msg_type >> 8 != NFNL_SUBSYS_NFTABLES:
+                continue
+            if msg_type & 0xFF == NFT_MSG_NEWGEN:
+                pid = _gen_pid(payload)
+                if pid is None or pid != self.ignore_pid():
+                    out.extend(self._pending)
+                self._pending = []
+            elif (msg_type & 0xFF) in NFT_MSG_NAMES:
+                self._pending.append((NFT_MSG_NAMES[msg_type & 0xFF], _first_string_attr(payload)))
         return out
 
     def close(self) -> None:

@@ -99,3 +99,7 @@ class Nftables:
                 self._run("delete our table", nftjson.delete_table(), missing_ok=True)
             return
         self._run("replace our table", nftjson.replace_table(marks, exists))
+
+    def change(self, cmd: Dict[str, Any]) -> None:
+        """One transaction of element-by-element changes to our table (nftdelta.py)."""
+        self._run("change our table's marking entries", cmd)

@@ -1,0 +1,136 @@
+"""The hook hands events to the running daemon and waits for the verified result — real
+NetworkManager, real dispatcher, real kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import pytest
+
+from tests.lab.netns import Lab, wait_for
+from tests.lab.nm import SERVICE_UUID
+from tests.lab.world import HOOK, World
+
+pytestmark = pytest.mark.nm
+
+WATCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "activation_watch.py")
+SEED_POLICY = {"nm-policy-routing.enable": "yes", "nm-policy-routing.table": "100",
+               "nm-policy-routing.fwmark": "0x1", "nm-policy-routing.priority": "1000"}
+ACTIVATIONS = 50
+
+
+@pytest.fixture
+def world(lab: Lab) -> Iterator[World]:
+    w = World(lab, hook=True)
+    try:
+        w.nm.seed_keyfiles(user_service=SEED_POLICY)
+        w.nm.up("mgmt")
+        w.start_daemon()
+        yield w
+    finally:
+        print(w.daemon_tail())
+        w.close()
+
+
+def ask(world: World, line: bytes, user: int = 0) -> str:
+    """Speak the handoff protocol as a process of ``user`` in the host namespace; its answer."""
+    code = ("import os, socket, sys\n"
+            "uid = int(sys.argv[2])\n"
+            "if uid: os.setgid(uid); os.setuid(uid)\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.connect(sys.argv[1])\n"
+            "try: s.sendall(sys.argv[3].encode('latin-1'))\n"
+            "except BrokenPipeError: pass  # refused before it read\n"
+            "print(s.makefile().read().strip())\n")
+    sock = os.path.join(world.state_dir, "handoff.sock")
+    proc = world.host.run(sys.executable, "-S", "-c", code, sock, str(user), line.decode("latin-1"), check=False)
+    return proc.stdout.strip() or proc.stderr.strip()
+
+
+def test_policy_in_kernel_before_activated_every_time(world: World) -> None:
+    """Over 50 activations, a watcher on D-Bus and netlink sees our rule and table route before
+    the connection's Connection.Active state becomes ACTIVATED."""
+    ready = os.path.join(world.base, "watch.ready")
+    progress = os.path.join(world.base, "watch.progress")
+    watcher = subprocess.Popen(["ip", "netns", "exec", world.host.name, sys.executable, WATCH, SERVICE_UUID,
+                                "100", str(ACTIVATIONS), ready, progress],
+                               env=world.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: os.path.exists(ready), timeout=20), watcher.stderr
+        for n in range(ACTIVATIONS):
+            world.nm.up("service")
+            world.nm.down("service")
+            assert wait_for(lambda: _lines(progress) > n, timeout=20), f"the watcher missed deactivation {n}"
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    seen = json.loads(out)["activations"]
+    late = [a for a in seen if not (a["rule"] and a["route"])]
+    leads = sorted(a["route_lead_ms"] for a in seen if a["route_lead_ms"] is not None)
+    print(f"route in the kernel before ACTIVATED by (ms): min {leads[0] if leads else None}, "
+          f"median {leads[len(leads) // 2] if leads else None}")
+    assert len(seen) == ACTIVATIONS
+    assert not late, f"{len(late)} of {ACTIVATIONS} activations reported ACTIVATED before our policy: {late[:3]}"
+    assert not world.our_rules(), "a policy stayed after the last down"
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as handle:
+            return len(handle.readlines())
+    except FileNotFoundError:
+        return 0
+
+
+def test_only_root_may_ask_and_a_forged_event_changes_nothing(world: World) -> None:
+    sock = os.path.join(world.state_dir, "handoff.sock")
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    before = world.policy_state()
+    assert "Permission denied" in ask(world, f"up\teth1\t{SERVICE_UUID}\n".encode(), user=65534)
+    # past the file modes: the daemon's SO_PEERCRED check still refuses
+    opened = [(path, os.stat(path).st_mode & 0o777) for path in (world.base, world.state_dir, sock)]
+    try:
+        for path, mode in opened:
+            os.chmod(path, mode | 0o777 if path == sock else mode | 0o711)
+        answer = ask(world, f"up\teth1\t{SERVICE_UUID}\n".encode(), user=65534)
+    finally:
+        for path, mode in opened:
+            os.chmod(path, mode)
+    assert answer.startswith("error not permitted"), answer
+    # root, but 'service' is not active: the daemon asks NetworkManager and does nothing
+    assert "stale" in ask(world, f"up\teth1\t{SERVICE_UUID}\n".encode())
+    assert "stale" in ask(world, f"pre-up\teth0\t{SERVICE_UUID}\n".encode())
+    assert ask(world, b"up\teth1\t../../etc\n").startswith("error malformed")
+    assert ask(world, b"hostname\teth1\tx\n").startswith("error malformed")
+    assert ask(world, b"up eth1\n").startswith("error malformed")
+    assert world.policy_state() == before
+    assert world.daemon.poll() is None, "the daemon died of a malformed request"
+
+
+def test_a_hung_daemon_does_not_block_the_hook(world: World) -> None:
+    """A stopped daemon: the hook gives up after its bound and acts itself."""
+    world.nm.up("service")
+    assert world.wait_rules(lambda rules: len(rules) == 1)
+    time.sleep(1)  # let the daemon finish what the activation's signals asked for
+    os.kill(world.daemon.pid, signal.SIGSTOP)
+    try:
+        world.cli("remove", "service", check=True)  # the CLI works without the daemon
+        assert not world.our_rules()
+        env = world.event_env(SERVICE_UUID)
+        env["NM_POLICY_ROUTING_HANDOFF_SECONDS"] = "1"
+        start = time.monotonic()
+        proc = world.host.run(HOOK, "eth1", "up", env=env, check=False, timeout=60)
+        took = time.monotonic() - start
+        assert proc.returncode == 0
+        assert "did not answer within 1 s" in proc.stderr
+        assert len(world.our_rules()) == 1, f"the hook did not act itself ({took:.1f} s): {proc.stderr}"
+    finally:
+        os.kill(world.daemon.pid, signal.SIGCONT)
