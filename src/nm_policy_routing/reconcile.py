@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 #: validated policies of connections no longer active that the record keeps
 KEEP_UNUSED_POLICIES = 32
-#: uuid -> its addresses last told as not usable yet (the daemon tells each change once)
-_TOLD_WAITING: Dict[str, Tuple[str, ...]] = {}
 #: reads the active connections (None: unknown, re-apply the recorded ones); see Engine.reconcile
 Snapshot = Callable[[], Optional[Sequence[Connection]]]
 
@@ -313,10 +311,8 @@ class Engine:
             waiting = [a.ip for a in conn.addresses if a.ip in unusable and not a.link_local]  # unplanned
             if waiting:
                 result.waiting[conn.uuid] = waiting
-                if _TOLD_WAITING.get(conn.uuid) != tuple(waiting):  # once per change (pre-up, up, signals)
-                    log.info("%s: address %s is not usable yet (duplicate address detection); the policy "
-                             "for it follows when it is", named(conn), ", ".join(waiting), extra=about(conn))
-            _TOLD_WAITING[conn.uuid] = tuple(waiting)
+                log.debug("%s: address %s is not usable yet (duplicate address detection); the policy for "
+                          "it follows when it is", named(conn), ", ".join(waiting), extra=about(conn))
         return result.waiting
 
     def _record_originals(self, kernel: Kernel, record: Record, wanted: Iterable[Sysctl]) -> None:

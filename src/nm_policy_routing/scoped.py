@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .errors import PolicyRoutingError
-from .model import PREFIX, Allocation, Connection, ConnectionPlan, ForeignUsage, KernelState
+from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, KernelState
 from .planner import plan
 from .record import (Record, allocation_from_json, allocation_to_json, connection_from_json, connection_to_json,
                      locked, policy_from_json, policy_to_json)
@@ -111,8 +111,6 @@ class Scoped:
         if getattr(record, "damaged", None):
             return None  # a damaged record is rebuilt by the full reconcile
         data = record.data
-        if _has_apps(data, uuid):
-            return None  # socket programs on cgroups (apps.py) are attached by the full reconcile
         labels = {u: (c.get("id") or u) for u, c in data["connections"].items()}
         others = {u: (f"{labels[u]} ({u})", allocation_from_json(a)) for u, a in data["allocations"].items()
                   if u != uuid and u in labels}
@@ -122,6 +120,8 @@ class Scoped:
         if conn is not None and any(c.get("iface") == conn.iface for u, c in data["connections"].items()
                                     if u != uuid):
             return None  # two connections on one interface: the full plan says who wins
+        if _has_apps(self.engine, old):
+            return None  # per-application routing (socket programs, cgroups): the full reconcile does it
         before = kernel.read(record.sysctl_originals())
         result = Result()
         cp: Optional[ConnectionPlan] = None
@@ -135,8 +135,8 @@ class Scoped:
             cp = the_plan.connections[0]
             if cp.status == "conflict" or (previous and cp.allocation and cp.allocation != previous):
                 return None
-            if cp.policy is not None and cp.policy.apps:
-                return None  # per-application routing: the full reconcile (apps.py)
+            if getattr(cp.policy, "apps", ()) or getattr(cp.state, "sockmarks", ()):
+                return None  # per-application routing: the full reconcile does it
             new = cp.state if cp.status == "ok" else KernelState()
             data["policies"].update({k: policy_to_json(p) for k, p in cache.new.items()})
         mine = _entries_of(before, previous.table if previous else None, old_iface) | \
@@ -176,13 +176,6 @@ class Scoped:
         return result
 
 
-def _has_apps(data: Dict, uuid: str) -> bool:
-    """Does the record hold per-application state, or did this connection's policy list apps?"""
-    old = data["connections"].get(uuid) or {}
-    listed = (old.get("user_data") or {}).get(PREFIX + "apps", "") if isinstance(old, dict) else ""
-    return bool(data.get("sockmarks") or data.get("unit_marks") or str(listed).strip())
-
-
 class _LazyPolicies(dict):
     """The record's validated policies, decoded only when asked for (the planner asks for one)."""
 
@@ -203,3 +196,14 @@ class _LazyPolicies(dict):
         self.new[key] = value
         dict.__setitem__(self, key, value)
 
+
+def _has_apps(engine, old: Optional[dict]) -> bool:
+    """Did the connection's recorded policy route applications (from its profile or the defaults)?"""
+    if not old:
+        return False
+    try:
+        conn = connection_from_json(old)
+    except (KeyError, TypeError, ValueError):
+        return True  # unreadable: let the full reconcile judge
+    keys = {**engine.defaults().for_connection(conn), **dict(conn.user_data)}
+    return any(k.endswith(".apps") and str(v).strip() for k, v in keys.items())

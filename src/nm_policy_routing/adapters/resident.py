@@ -170,6 +170,10 @@ class ResidentKernel(LiveKernel):
         """Someone else added or deleted a rule: dump them again at the next event."""
         self.netlink.forget_rules = True
 
+    def read(self, sysctl_slots):
+        self._paths = {}  # cgroup paths are asked once per reconcile (a unit may start meanwhile)
+        return super().read(sysctl_slots)
+
     def close(self) -> None:
         """Kept open for the next event (see :meth:`shutdown`)."""
 
