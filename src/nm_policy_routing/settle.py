@@ -52,13 +52,13 @@ def _lock(directory: str, uuid: str, deadline: float) -> Optional[int]:
 
 def _still_waiting(directory: str, uuid: str) -> Optional[List[str]]:
     """The connection's recorded addresses that are still unusable; None if it is gone."""
-    from .adapters.netlink import Netlink
+    from .adapters.rtnl import Rtnl
     from .record import Record
 
     conn = Record.load(directory).connections().get(uuid)
     if conn is None:
         return None
-    netlink = Netlink()
+    netlink = Rtnl()
     try:
         unusable = netlink.unusable_addresses()
     finally:

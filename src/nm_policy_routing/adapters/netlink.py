@@ -1,44 +1,19 @@
-"""Rules and routes over netlink (pyroute2): read what is ours, add and delete entries.
+"""The kernel's routing decisions as ``explain`` shows them, over netlink (pyroute2).
 
-What is ours carries the protocol tag RT_PROTO; everything else is only read, to
-learn which tables and priorities foreign owners use. pyroute2 is imported here
-and nowhere else, lazily, because importing it costs ~400 ms.
+Every rule and route dump for the FIB model, and the kernel's own answer for one
+packet. Reading and writing what is ours goes by adapters/rtnl.py (no pyroute2 on the
+hook's and the daemon's paths). pyroute2 is imported here and nowhere else, lazily,
+because importing it costs ~400 ms.
 """
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import socket
-from dataclasses import replace
-from typing import Any, Dict, List, Optional, Set, Tuple
-
-from ..errors import KernelError, NotPermittedError
-from ..model import RT_PROTO, ForeignUsage, Fwmark, Route, Rule
-from ..owners import rule_owner
+from typing import Any, Dict, Optional
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
-_RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
-FIB_RULE_FIND_SADDR = 0x00010000
-IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
-
-
-class _ForeignTables:
-    """``table in tables``: does the kernel hold routes that are not ours in it? Asked per table
-    (a dump the kernel filters), remembered for one reconcile."""
-
-    def __init__(self, netlink: "Netlink") -> None:
-        self._netlink = netlink
-        self._known: Dict[int, bool] = {}
-
-    def __contains__(self, table: object) -> bool:
-        if not isinstance(table, int) or table in _RESERVED_TABLES:
-            return False
-        if table not in self._known:
-            self._known[table] = self._netlink.table_has_foreign_routes(table)
-        return self._known[table]
 
 
 def import_iproute():
@@ -79,11 +54,6 @@ class Netlink:
             self._ipr = IPRoute(strict_check=True)
         except TypeError:
             self._ipr = IPRoute()
-        self._rule_dump: Dict[int, List[Tuple[Rule, int]]] = {}
-
-    def invalidate(self) -> None:
-        """Forget what was read: the next reads ask the kernel again."""
-        self._rule_dump.clear()
 
     def close(self) -> None:
         self._ipr.close()
@@ -106,105 +76,6 @@ class Netlink:
             return socket.if_indextoname(index)
         except OSError:
             return str(index)
-
-    def _rules(self, family: int) -> List[Tuple[Rule, int]]:
-        if family not in self._rule_dump:
-            self._rule_dump[family] = self._read_rules(family)
-        return self._rule_dump[family]
-
-    def _read_rules(self, family: int) -> List[Tuple[Rule, int]]:
-        out = []
-        for msg in self._ipr.get_rules(family=_AF[family]):
-            table = msg.get("table") or msg["table"]
-            rule = Rule(
-                family=family,
-                priority=msg.get("priority") or 0,
-                table=table,
-                fwmark=msg.get("fwmark") or 0,
-                fwmask=(msg.get("fwmask") or 0) if msg.get("fwmark") is not None else 0,
-                src=msg.get("src") if msg["src_len"] else None,
-                src_len=msg["src_len"],
-                iif=msg.get("iifname") or None,
-                **_uid_range(msg.get("uid_range")),
-            )
-            if rule.fwmark and not rule.fwmask:
-                rule = replace(rule, fwmask=U32)
-            out.append((rule, msg.get("protocol") or 0))
-        return out
-
-    def _dump_routes(self, family: int, proto: Optional[int] = None, table: Optional[int] = None) -> list:
-        """A route dump the kernel filters itself (strict checking): by protocol and/or table."""
-        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
-        from pyroute2.netlink.rtnl import RTM_GETROUTE
-        from pyroute2.netlink.rtnl.rtmsg import rtmsg
-
-        msg = rtmsg()
-        msg["family"] = _AF[family]
-        if proto is not None:
-            msg["proto"] = proto
-        if table is not None:
-            msg["table"] = table if table < 256 else 252  # RT_TABLE_COMPAT, the attribute says it
-            msg["attrs"] = [("RTA_TABLE", table)]
-        status = getattr(self._ipr, "status", None)
-        if isinstance(status, dict):
-            status.setdefault("nlm_generator", False)  # pyroute2 0.9.7's sync nlm_request needs it
-        replies = list(self._ipr.nlm_request(msg, msg_type=RTM_GETROUTE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
-        # without strict checking (old kernels) the kernel ignores the filter: filter here too
-        return [m for m in replies if (proto is None or m["proto"] == proto)
-                and (table is None or (m.get("table") or m["table"]) == table)]
-
-    def _read_routes(self, family: int, **filters: Any) -> List[Tuple[Route, int]]:
-        names: Dict[Optional[int], str] = {}
-        out = []
-        for msg in self._dump_routes(family, **filters):
-            table = msg.get("table") or msg["table"]
-            dst = msg.get("dst")
-            dst = f"{dst}/{msg['dst_len']}" if dst else _DEFAULT[family]
-            oif = msg.get("oif")
-            route = Route(
-                family=family,
-                table=table,
-                dst=dst,
-                oif=names[oif] if oif in names else names.setdefault(oif, self.ifname(oif)),
-                gateway=msg.get("gateway"),
-                prefsrc=msg.get("prefsrc"),
-            )
-            out.append((route, msg["proto"]))
-        return out
-
-    def our_rules(self) -> Set[Rule]:
-        return {r for f in (4, 6) for r, proto in self._rules(f) if proto == RT_PROTO}
-
-    def our_routes(self) -> Set[Route]:
-        return {r for f in (4, 6) for r, _ in self._read_routes(f, proto=RT_PROTO)}
-
-    def table_has_foreign_routes(self, table: int) -> bool:
-        return any(proto != RT_PROTO for f in (4, 6) for _, proto in self._read_routes(f, table=table))
-
-    def foreign_usage(self) -> ForeignUsage:
-        priorities, marks = set(), []
-        for family in (4, 6):
-            for rule, proto in self._rules(family):
-                if proto == RT_PROTO:
-                    continue
-                priorities.add((family, rule.priority))
-                if rule.fwmask:
-                    owner = rule_owner(rule.priority, rule.table, rule.fwmark, rule.fwmask)
-                    marks.append((Fwmark(rule.fwmark, rule.fwmask), owner))
-        return ForeignUsage(_ForeignTables(self), frozenset(priorities), tuple(marks))
-
-    def unusable_addresses(self) -> Set[str]:
-        """Addresses the kernel will not take as a route's source yet or at all: tentative
-        (duplicate address detection running) or failed DAD."""
-        out = set()
-        for msg in self._ipr.get_addr():
-            flags = msg.get("IFA_FLAGS")
-            flags = msg["flags"] if flags is None else flags
-            if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
-                address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-                if address:
-                    out.add(str(ipaddress.ip_address(address)))
-        return out
 
     # ---- for explain ---------------------------------------------------
 
@@ -244,64 +115,6 @@ class Netlink:
             return {"error": exc.args[1] if len(exc.args) > 1 else str(exc)}
         return {"table": msg.get("table") or msg["table"], "dev": self.ifname(msg.get("oif")) or None,
                 "gateway": msg.get("gateway"), "src": msg.get("prefsrc")}
-
-    # ---- writing -------------------------------------------------------
-
-    def _rule_args(self, rule: Rule) -> dict:
-        args = dict(family=_AF[rule.family], priority=rule.priority, table=rule.table, protocol=RT_PROTO)
-        if rule.fwmask:
-            args.update(fwmark=rule.fwmark, fwmask=rule.fwmask)
-        if rule.src:
-            args.update(src=rule.src, src_len=rule.src_len)
-        if rule.iif:
-            args.update(iifname=rule.iif)
-        if rule.uid_start >= 0:
-            args.update(uid_range=f"{rule.uid_start}:{rule.uid_end}")
-            if rule.family == 6 and rule.src:  # see apps.py: IPv6 matches a lookup without source only so
-                args.update(flags=FIB_RULE_FIND_SADDR)
-        return args
-
-    def _route_args(self, route: Route) -> dict:
-        index = self.ifindex(route.oif)
-        if index is None:
-            raise KernelError(f"cannot install {route}: interface {route.oif} does not exist")
-        args = dict(family=_AF[route.family], dst=route.dst, table=route.table, oif=index, proto=RT_PROTO)
-        if route.gateway:
-            args["gateway"] = route.gateway
-        else:  # on-link, as `ip route` does it
-            args["scope"] = 253
-        if route.prefsrc:
-            args["prefsrc"] = route.prefsrc
-        return args
-
-    def add_rule(self, rule: Rule) -> None:
-        self._call(f"add {rule}", self._ipr.rule, "add", ok=(errno.EEXIST,), **self._rule_args(rule))
-
-    def del_rule(self, rule: Rule) -> None:
-        self._call(f"delete {rule}", self._ipr.rule, "del", ok=(errno.ENOENT,), **self._rule_args(rule))
-
-    def add_route(self, route: Route) -> None:
-        self._call(f"add {route}", self._ipr.route, "replace", **self._route_args(route))
-
-    def del_route(self, route: Route) -> None:
-        index = self.ifindex(route.oif)
-        if index is None:  # the link is gone, and its routes with it
-            return
-        self._call(f"delete {route}", self._ipr.route, "del", ok=(errno.ESRCH, errno.ENOENT),
-                   **self._route_args(route))
-
-    def _call(self, what: str, fn, *args, ok: Tuple[int, ...] = (), **kwargs) -> None:
-        NetlinkError = import_netlink_error()
-        self._rule_dump.clear()
-        try:
-            fn(*args, **kwargs)
-        except NetlinkError as exc:
-            if exc.code in ok:
-                return
-            if exc.code == errno.EPERM:
-                raise NotPermittedError(f"cannot {what}: not permitted (needs root or CAP_NET_ADMIN)") from exc
-            raise KernelError(f"the kernel refused to {what}: {exc.args[1] if len(exc.args) > 1 else exc}") from exc
-
 
 def _ip_route_get(destination: str, source: Optional[str], mark: int, uid: int) -> Dict[str, Any]:
     """``ip route get ... uid U``: pyroute2 0.9.7's route message has no RTA_UID."""
