@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from typing import Any, Dict, Optional
 
+from .rtnl import _ifname
+
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 U32 = 0xFFFFFFFF
@@ -58,25 +60,6 @@ class Netlink:
     def close(self) -> None:
         self._ipr.close()
 
-    # ---- reading -------------------------------------------------------
-
-    @staticmethod
-    def ifindex(name: str) -> Optional[int]:
-        """libc's if_nametoindex (an ioctl in this namespace): no link dump."""
-        try:
-            return socket.if_nametoindex(name)
-        except OSError:
-            return None
-
-    @staticmethod
-    def ifname(index: Optional[int]) -> str:
-        if index is None:
-            return ""
-        try:
-            return socket.if_indextoname(index)
-        except OSError:
-            return str(index)
-
     # ---- for explain ---------------------------------------------------
 
     def fib_rules(self, destination: str) -> list:
@@ -94,7 +77,7 @@ class Netlink:
             tables.setdefault(table, []).append(fib.FibRoute(
                 table=table, dst=f"{dst}/{msg['dst_len']}" if dst else _DEFAULT[family], type=msg["type"],
                 metric=msg.get("priority") or 0, gateway=msg.get("gateway"),
-                oif=self.ifname(msg.get("oif")) or None, prefsrc=msg.get("prefsrc"), protocol=msg["proto"]))
+                oif=_ifname(msg.get("oif")) or None, prefsrc=msg.get("prefsrc"), protocol=msg["proto"]))
         return tables
 
     def route_get(self, destination: str, source: Optional[str], mark: int, uid: Optional[int] = None
@@ -113,7 +96,7 @@ class Netlink:
             msg = self._ipr.route("get", **args)[0]
         except NetlinkError as exc:
             return {"error": exc.args[1] if len(exc.args) > 1 else str(exc)}
-        return {"table": msg.get("table") or msg["table"], "dev": self.ifname(msg.get("oif")) or None,
+        return {"table": msg.get("table") or msg["table"], "dev": _ifname(msg.get("oif")) or None,
                 "gateway": msg.get("gateway"), "src": msg.get("prefsrc")}
 
 def _ip_route_get(destination: str, source: Optional[str], mark: int, uid: int) -> Dict[str, Any]:
