@@ -24,6 +24,7 @@ from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED
 from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
 from .model import Address, Connection
+from .journal import about, named
 from .scoped import Scoped
 from .story import tell
 
@@ -115,15 +116,15 @@ class Targeted:
         return self._rtnl
 
     def from_kernel(self, conn: Connection) -> Connection:
-        """On pre-up, NetworkManager 1.52 shows no IP configuration over D-Bus yet, while the kernel
-        holds what it configured: the interface's addresses and its main-table default routes."""
+        """When NetworkManager shows no IP configuration over D-Bus yet (pre-up; 1.52 also on a
+        first up), the kernel holds what it configured: the interface's addresses and its main-table default routes."""
         rtnl = self._kernel()
         addresses = tuple(Address.parse(f"{ip}/{length}") for ip, length in rtnl.prefixes(conn.iface))
         if not addresses:
             return conn
         gateways = rtnl.gateways(conn.iface)
-        log.info("pre-up for %s on %s: no IP configuration from NetworkManager yet; using what the kernel "
-                 "holds on %s", conn.label, conn.iface, conn.iface)
+        log.info("%s: no IP configuration from NetworkManager over D-Bus yet; using what the kernel holds on %s",
+                 named(conn), conn.iface, extra=about(conn))
         return replace(conn, addresses=addresses, gateway4=gateways.get(4), gateway6=gateways.get(6))
 
     def missing_addresses(self, conn: Connection) -> List[str]:
@@ -164,8 +165,13 @@ class Targeted:
         conn = found[0]
         if conn.type == "external":
             return "ok", f"{request}: external connection, not ours to manage"
-        if not conn.addresses and request.action in ("pre-up", "vpn-pre-up") and conn.iface:
+        if not conn.addresses and conn.iface:
+            # no IP configuration over D-Bus yet (pre-up; on 1.52 also a first 'up'): the kernel
+            # holds what NetworkManager configured. Never plan an active connection empty: that
+            # would remove its policy (and its flows) until the next event brings the addresses.
             conn = self.from_kernel(conn)
+            if not conn.addresses:
+                return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
         missing = self.missing_addresses(conn)
         if missing:  # act on complete facts: plan with what the kernel holds; a later event brings the rest
             held = tuple(a for a in conn.addresses if f"{a.ip}/{a.prefixlen}" not in missing)
