@@ -123,7 +123,7 @@ class Targeted:
         if not addresses:
             return conn
         gateways = rtnl.gateways(conn.iface)
-        log.info("%s: no IP configuration from NetworkManager over D-Bus yet; using what the kernel holds on %s",
+        log.debug("%s: no IP configuration from NetworkManager over D-Bus yet; using what the kernel holds on %s",
                  named(conn), conn.iface, extra=about(conn))
         return replace(conn, addresses=addresses, gateway4=gateways.get(4), gateway6=gateways.get(6))
 
