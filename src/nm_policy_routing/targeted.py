@@ -124,7 +124,7 @@ class Targeted:
             return conn
         gateways = rtnl.gateways(conn.iface)
         log.debug("%s: no IP configuration from NetworkManager over D-Bus yet; using what the kernel holds on %s",
-                 named(conn), conn.iface, extra=about(conn))
+                  named(conn), conn.iface, extra=about(conn))
         return replace(conn, addresses=addresses, gateway4=gateways.get(4), gateway6=gateways.get(6))
 
     def missing_addresses(self, conn: Connection) -> List[str]:
