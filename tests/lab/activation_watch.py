@@ -21,23 +21,13 @@ import time
 
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
+from nm_policy_routing.adapters.rtnl import _attrs  # the same netlink attribute walk
 
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x40, 0x80
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
 RTA_TABLE, FRA_TABLE, FRA_PROTOCOL = 15, 15, 21
 ACTIVE = "org.freedesktop.NetworkManager.Connection.Active"
 ACTIVATED, DEACTIVATED = 2, 4
-
-
-def _attrs(data: bytes, offset: int):
-    out = {}
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return out
 
 
 def parse(data: bytes, table: int):

@@ -90,12 +90,11 @@ class LiveKernel:
         if path is not None:
             cgroupbpf.detach(path, entry.value, entry.mask, self.known_ids)
 
-    @staticmethod
-    def read_sysctls(slots: Iterable[str]) -> Set[Sysctl]:
+    def read_sysctls(self, slots: Iterable[str]) -> Set[Sysctl]:
         out = set()
         for slot in slots:
             family, iface, key = slot.split("/")
-            value = sysctl.read(family, iface, key)
+            value = self.read_sysctl(family, iface, key)
             if value is not None:
                 out.add(Sysctl(family, iface, key, value))
         return out

@@ -135,15 +135,6 @@ class ResidentKernel(LiveKernel):
     def flush_conntrack(self, mark: Fwmark) -> None:
         nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
 
-    def read_sysctls(self, slots: Iterable[str]) -> Set[Sysctl]:
-        out = set()
-        for slot in slots:
-            family, iface, key = slot.split("/")
-            value = self.read_sysctl(family, iface, key)
-            if value is not None:
-                out.add(Sysctl(family, iface, key, value))
-        return out
-
     def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]:
         slot = (family, iface, key)
         value = self._sysctls.get(slot)
