@@ -36,18 +36,40 @@ def start(directory: str, uuid: str) -> None:
                   "'nm-policy-routing apply' once they are ready", uuid, exc)
 
 
+def _lock_path(directory: str, uuid: str) -> str:
+    return os.path.join(directory, f"settle-{uuid}.lock")
+
+
 def _lock(directory: str, uuid: str, deadline: float) -> Optional[int]:
-    """One settle per connection: a later one waits for the earlier to finish (bounded)."""
-    fd = os.open(os.path.join(directory, f"settle-{uuid}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    """One settle per connection: a later one waits for the earlier to finish (bounded).
+    The holder unlinks the file when it is done (nothing stays in the state directory), so a
+    lock taken on a file that is no longer the one at the path is taken again on the new one."""
+    path = _lock_path(directory, uuid)
     while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(POLL_SECONDS)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                return None
-            time.sleep(POLL_SECONDS)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it meanwhile: lock the current file
+
+
+def _unlock(directory: str, uuid: str, fd: int) -> None:
+    try:
+        os.unlink(_lock_path(directory, uuid))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _still_waiting(directory: str, uuid: str) -> Optional[List[str]]:
@@ -91,7 +113,7 @@ def settle(directory: str, uuid: str, seconds: float = SETTLE_SECONDS) -> str:
                 return f"connection {uuid}: gave up waiting"
             time.sleep(POLL_SECONDS)
     finally:
-        os.close(fd)
+        _unlock(directory, uuid, fd)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

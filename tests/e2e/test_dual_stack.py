@@ -4,6 +4,7 @@ IPv6 policy must follow by itself (hook alone and daemon)."""
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 
@@ -76,6 +77,7 @@ def test_dual_stack_up_while_ipv6_is_tentative(lab: Lab, mode: str) -> None:
         assert wait_for(lambda: Seed.tcp(world.seed, Seed.SERVICE4), timeout=5)
         assert Seed.tcp(world.seed, Seed.SERVICE6)
         assert wait_for(lambda: not _settles(world), timeout=10), "no process is left behind"
+        assert not glob.glob(os.path.join(world.state_dir, "settle-*")), "nor its lock file"
         if mode == "hook":
             world.nm.down("service")
             assert wait_for(lambda: not world.our_rules("-4") and not world.our_rules("-6"), timeout=15)
@@ -121,6 +123,7 @@ def test_hook_wait_ends_when_the_connection_goes_down(lab: Lab) -> None:
         assert wait_for(lambda: _settles(world), timeout=5), "a wait was started"
         world.nm.down("service")
         assert wait_for(lambda: not _settles(world), timeout=5), "the wait ends with the connection"
+        assert not glob.glob(os.path.join(world.state_dir, "settle-*")), "its lock file goes with it"
         assert not world.our_rules("-4") and not world.our_rules("-6") and not world.our_routes("-6")
         time.sleep(1)
         assert not world.our_rules("-6"), "nothing comes back"
