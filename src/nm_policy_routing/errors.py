@@ -9,34 +9,30 @@ class PolicyRoutingError(Exception):
     exit_code = 1
 
 
-class PolicyError(PolicyRoutingError):
+class _ProblemsError(PolicyRoutingError):
+    """Every problem found with one connection, told at once."""
+
+    what = ""
+
+    def __init__(self, connection: str, problems: "list[str]") -> None:
+        self.connection = connection
+        self.problems = list(problems)
+        joined = "\n  - ".join(self.problems)
+        super().__init__(f"connection {connection!r}: {self.what}, nothing was installed for it:\n  - {joined}")
+
+
+class PolicyError(_ProblemsError):
     """A connection's policy is invalid; carries every problem found at once."""
 
     exit_code = 65
-
-    def __init__(self, connection: str, problems: "list[str]") -> None:
-        self.connection = connection
-        self.problems = list(problems)
-        joined = "\n  - ".join(self.problems)
-        super().__init__(
-            f"connection {connection!r}: invalid nm-policy-routing policy, nothing was "
-            f"installed for it:\n  - {joined}"
-        )
+    what = "invalid nm-policy-routing policy"
 
 
-class ConflictError(PolicyRoutingError):
+class ConflictError(_ProblemsError):
     """What a policy asks for is already used by someone else in the kernel."""
 
     exit_code = 1
-
-    def __init__(self, connection: str, problems: "list[str]") -> None:
-        self.connection = connection
-        self.problems = list(problems)
-        joined = "\n  - ".join(self.problems)
-        super().__init__(
-            f"connection {connection!r}: conflicts with state that is not ours, nothing "
-            f"was installed for it:\n  - {joined}"
-        )
+    what = "conflicts with state that is not ours"
 
 
 class KernelError(PolicyRoutingError):
