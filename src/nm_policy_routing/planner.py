@@ -327,6 +327,7 @@ def plan(
     results: Dict[str, ConnectionPlan] = {}
     enabled: List[Tuple[Connection, Policy]] = []
     seen_ifaces: Dict[str, str] = {}
+    seen_apps: Dict[str, str] = {}  # an app's target -> the connection that routes it
     # incumbents (connections that hold an allocation: their policy is applied) come first,
     # so a newcomer never takes what they hold
     for conn in sorted(connections, key=lambda c: (c.uuid not in previous, c.uuid)):
@@ -349,10 +350,14 @@ def plan(
         elif conn.iface in seen_ifaces:
             problems.append(f"interface {conn.iface} already carries the policy of connection "
                             f"{seen_ifaces[conn.iface]}{_KEPT}; one policy per interface")
+        problems += [f"{app} is already routed through connection {seen_apps[app.target]}{_KEPT}; list "
+                     "it in the nm-policy-routing.apps of one connection only" for app in policy.apps
+                     if app.target in seen_apps]
         if problems:
             results[conn.uuid] = _refused(conn, policy, problems)
             continue
         seen_ifaces[conn.iface] = conn.label
+        seen_apps.update((app.target, conn.label) for app in policy.apps)
         enabled.append((conn, policy))
 
     alloc = _Allocator(foreign)

@@ -97,6 +97,24 @@ def test_a_unit_alone_allocates_a_mark_even_with_match_source() -> None:
     assert not cp.state.marks  # no nft marking unless the match asks for it
 
 
+def test_an_app_listed_by_two_connections_stays_with_the_one_that_holds_it() -> None:
+    """Two connections cannot both route one user or unit: the holder keeps it (never evict),
+    the newcomer is refused with a message naming both, and is applied once the holder goes."""
+    holder = conn("u2", "eth1", apps="unit:backup.service,uid:1000")
+    newcomer = conn("u1", "wlan0", n=2, apps="uid:1000,unit:backup.service")
+    first = plan([holder]).connections[0]
+    p = plan([newcomer, holder], previous={"u2": first.allocation})
+    assert p.get("u2").status == "ok" and p.get("u2").state.sockmarks
+    refused = p.get("u1")
+    assert refused.status == "conflict" and not refused.state.rules and not refused.state.sockmarks
+    assert len(refused.errors) == 2 and all("id-eth1" in e and "which keeps it" in e for e in refused.errors)
+    assert "uid:1000 is already routed through connection" in refused.errors[0]
+    assert "unit:backup.service is already routed through connection" in refused.errors[1]
+    assert plan([newcomer]).get("u1").status == "ok"
+    other = plan([newcomer, conn("u2", "eth1", apps="uid:1001")])
+    assert {cp.status for cp in other.connections} == {"ok"}, "different apps do not clash"
+
+
 def test_the_record_keeps_apps() -> None:
     policy = parse_policy({"nm-policy-routing.enable": "yes", KEY: "user:root,unit:a.service"})
     assert policy_from_json(policy_to_json(policy)) == policy
