@@ -169,6 +169,9 @@ def reboots(m: Machine, seed: Seed, checks: Checks) -> None:
 
 def purge(m: Machine, checks: Checks, svm0: int) -> None:
     checks.step("12. apt-get purge with the connection up")
+    cli(m, "set", "service", "apps", "unit:npr-listed.service")  # a drop-in for purge to remove
+    dropin = "/etc/systemd/system/npr-listed.service.d/50-nm-policy-routing.conf"
+    checks.check("a listed service has its drop-in before the purge", m.sh(f"test -f {dropin}", check=False).returncode == 0)
     out = m.exec("apt-get", "purge", "-y", PACKAGE, check=False, timeout=600)
     show(f"$ apt-get purge -y {PACKAGE}", "\n".join((out.stdout + out.stderr).splitlines()[-6:]))
     checks.check("apt-get purge exits 0; 'service' still active",
@@ -182,3 +185,7 @@ def purge(m: Machine, checks: Checks, svm0: int) -> None:
     left = [line for line in left if line.strip()]
     checks.check("no file of the package left, dpkg forgot it" + (f": {left}" if left else ""), not left)
     checks.check("the service is gone", m.exec("systemctl", "cat", PACKAGE, check=False).returncode != 0)
+    unit = m.exec("systemctl", "cat", "npr-listed.service", check=False).stdout
+    checks.check("the drop-in 'set ... apps' wrote is gone (and systemd forgot it)",
+                 m.sh(f"test -e {dropin} || test -e {dropin.rsplit('/', 1)[0]}", check=False).returncode != 0
+                 and "unit-start" not in unit)
