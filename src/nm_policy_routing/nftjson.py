@@ -360,20 +360,28 @@ def _strict_rpfilter(rule: Dict[str, Any]) -> bool:
     return False
 
 
-def _jumps(rule: Dict[str, Any]) -> List[str]:
-    targets = []
-    for stmt in rule.get("expr", []):
-        for verdict in ("jump", "goto"):
-            if isinstance(stmt, dict) and isinstance(stmt.get(verdict), dict):
-                targets.append(str(stmt[verdict].get("target")))
-    return targets
+def _verdict_targets(node: Any, maps: Dict[Tuple[Any, Any, str], List[Any]], table: Tuple[Any, Any]) -> List[str]:
+    """Chains a rule's expressions can jump or go to: plain verdicts, anonymous verdict maps
+    (``vmap { k : jump c }``) and named ones (``vmap @m``: the map's elements)."""
+    if isinstance(node, list):
+        return [t for item in node for t in _verdict_targets(item, maps, table)]
+    if not isinstance(node, dict):
+        return []
+    targets = [str(node[v].get("target")) for v in ("jump", "goto") if isinstance(node.get(v), dict)]
+    data = node.get("vmap", {}).get("data") if isinstance(node.get("vmap"), dict) else None
+    if isinstance(data, str) and data.startswith("@"):
+        targets += _verdict_targets(maps.get((*table, data[1:]), []), maps, table)
+    return targets + [t for key, value in node.items() if key not in ("jump", "goto")
+                      for t in _verdict_targets(value, maps, table)]
 
 
 def early_rpfilter(ruleset: Dict[str, Any]) -> List[Tuple[int, str]]:
     """(family, owner) of foreign strict reverse-path filters that run in prerouting before
-    our marking (in a base chain of lower priority, or a chain it jumps to): they drop what
-    an incoming policy is for before it is marked."""
+    our marking (in a base chain of lower priority, or a chain it jumps to, also by a verdict
+    map): they drop what an incoming policy is for before it is marked."""
     rules = _foreign_rules(ruleset)
+    maps = {(m.get("family"), m.get("table"), m.get("name")): m.get("elem") or []
+            for m in (item.get("map") for item in ruleset.get("nftables", [])) if m and m.get("map") == "verdict"}
     early = set()
     for item in ruleset.get("nftables", []):
         chain = item.get("chain")
@@ -383,7 +391,8 @@ def early_rpfilter(ruleset: Dict[str, Any]) -> List[Tuple[int, str]]:
     grown = True
     while grown:  # chains reached by jump/goto from an early chain run early too
         reached = {(r.get("family"), r.get("table"), target) for r in rules
-                   if (r.get("family"), r.get("table"), r.get("chain")) in early for target in _jumps(r)}
+                   if (r.get("family"), r.get("table"), r.get("chain")) in early
+                   for target in _verdict_targets(r.get("expr", []), maps, (r.get("family"), r.get("table")))}
         grown = not reached <= early
         early |= reached
     found = []

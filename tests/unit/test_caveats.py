@@ -35,6 +35,18 @@ RULESET = {"nftables": [
                                            "right": False}}, {"drop": None}),
     rule("ip6", "other", "late", {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}},
                                             "right": False}}, {"drop": None}),
+    # verdict maps reach chains too: an anonymous one and a named one (nft 1.0.6's JSON)
+    {"map": {"family": "ip6", "name": "rpmap", "table": "vm", "type": "ifname", "map": "verdict",
+             "elem": [["eth1", {"jump": {"target": "rpf2"}}]]}},
+    {"chain": {"family": "ip6", "table": "vm", "name": "pre", "type": "filter", "hook": "prerouting",
+               "prio": -200}},
+    rule("ip6", "vm", "pre", {"vmap": {"key": {"meta": {"key": "iifname"}},
+                                       "data": {"set": [["lo", {"accept": None}], ["eth0", {"goto": {"target": "rpf"}}]]}}}),
+    rule("ip6", "vm", "pre", {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@rpmap"}}),
+    rule("ip6", "vm", "rpf", {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}},
+                                        "right": False}}, {"drop": None}),
+    rule("ip6", "vm", "rpf2", {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}},
+                                         "right": False}}, {"drop": None}),
     rule("inet", "t", "c", mangle(MARK, 0x100)),
     rule("inet", "t", "c", mangle(MARK, CT)),
     rule("inet", "t", "c", mangle(MARK, {"|": [{"&": [MARK, 0xFFFF00FF]}, 0x100]})),
@@ -57,7 +69,10 @@ def test_foreign_marks_and_writers() -> None:
         "nft table ip mangle (chain PREROUTING): iptables-nft target MARK (its mask is not visible)",
     ]
     assert nftjson.early_rpfilter(RULESET) == [(6, "firewalld (nft table inet firewalld (chain filter_PREROUTING))"),
-                                               (6, "nft table ip6 other (chain rpf)")], "a jumped-to chain too"
+                                               (6, "nft table ip6 other (chain rpf)"),
+                                               (6, "nft table ip6 vm (chain rpf)"),
+                                               (6, "nft table ip6 vm (chain rpf2)")], \
+        "a jumped-to chain too, also by an anonymous or a named verdict map; never a chain nothing early reaches"
 
 
 def _plan(**policy: str):
