@@ -34,12 +34,20 @@ def _jump(chain: str) -> Dict[str, Any]:
     return {"jump": {"target": chain}}
 
 
-def delta(before: Iterable[Mark], after: Iterable[Mark]) -> Optional[Dict[str, Any]]:
+def delta(before: Iterable[Mark], after: Iterable[Mark], skeleton_kept: Optional[bool] = None
+          ) -> Optional[Dict[str, Any]]:
     """The transaction from ``before`` to ``after`` (both non-empty, same masks); None when the
-    table must be replaced instead; an empty command list when nothing changes."""
+    table must be replaced instead; an empty command list when nothing changes.
+
+    ``before`` and ``after`` may also be the part of the table that changes — every entry
+    of each mark value concerned — when the caller, who knows the whole table, tells
+    whether its skeleton stays (``skeleton_kept``: the table exists before and after, with
+    the same masks)."""
     before, after = set(before), set(after)
     fb, fa = _fwmarks(before), _fwmarks(after)
-    if not before or not after or {f.mask for f in fb} != {f.mask for f in fa}:
+    if skeleton_kept is None:
+        skeleton_kept = bool(before and after) and {f.mask for f in fb} == {f.mask for f in fa}
+    if not skeleton_kept:
         return None
     ib, ia = _fwmarks(before, "incoming"), _fwmarks(after, "incoming")
     cmds: List[Dict[str, Any]] = []
