@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, Optional, Set, Tuple
 from .. import nftdelta
 from ..errors import KernelError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
-from . import nfnetlink, sysctl
+from . import nfnetlink, nftraw, sysctl
 from .kernel import LiveKernel
 from .rtnl import NLM_F_CREATE, NLM_F_EXCL, RTM_DELRULE, RTM_NEWRULE, Rtnl, rule_message
 from .nftables import Nftables
@@ -231,6 +231,15 @@ class ResidentKernel(LiveKernel):
         #: sysctl values as last read (a value we write is read again, for the verify)
         self._sysctls: Dict[Tuple[str, str, str], int] = {}
         self._conntrack = nfnetlink.conntrack_socket()
+        self._nftraw = nftraw.NftBatch()
+
+    def _commit(self, change: Dict[str, Any]) -> None:
+        """One element-by-element transaction: spoken directly (libnftables would read the whole
+        table first), or by libnftables when it holds a shape nftraw does not encode."""
+        try:
+            self._nftraw.commit(change)
+        except nftraw.Unsupported:
+            self.nft.change(change)
 
     def flush_conntrack(self, mark: Fwmark) -> None:
         nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
@@ -292,8 +301,8 @@ class ResidentKernel(LiveKernel):
             return self.set_marks((view.marks - now) | later)
         if change["nftables"]:
             try:
-                self.nft.change(change)
-            except KernelError:  # the table changed under us: write it whole
+                self._commit(change)
+            except (KernelError, OSError):  # the table changed under us: write it whole
                 marks = (view.marks - now) | later
                 self.nft.replace(marks, True)
                 self._nft_marks = set(marks)
@@ -306,6 +315,7 @@ class ResidentKernel(LiveKernel):
 
     def shutdown(self) -> None:
         self._conntrack.close()
+        self._nftraw.close()
         super().close()
 
     def forget_foreign(self) -> None:
