@@ -34,18 +34,18 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from .model import (MATCH_KINDS, Address, Allocation, App, Connection, ExtraRoute, Fwmark, KernelState, Policy,
                     real_gateway)
+from .recordfiles import (OVERLAYS, Stamp, Tracked, apply_overlays, count_save, overlay_name, read_overlays, stamp_of,
+                          write_atomic)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/run/nm-policy-routing"
 VERSION = 1
 _THREAD_LOCK = threading.RLock()
-#: the directory of the per-entry files saved since the last full save
-OVERLAYS = "state.d"
 #: a full save (state.json whole) when the per-entry files outnumber this plus twice the connections
 OVERLAY_SLACK = 64
 
@@ -214,20 +214,6 @@ def _raise(exc: Exception) -> Any:
     raise exc
 
 
-def _apply(data: Any, overlays: Iterable[Dict[str, Any]]) -> None:
-    """Put the per-entry files' entries into the record's content (an entry without a value was removed)."""
-    if not isinstance(data, dict):
-        return  # damage() reports it
-    for item in overlays:
-        section = data.setdefault(item["section"], {})
-        if not isinstance(section, dict):
-            return
-        if "value" in item:
-            section[item["key"]] = item["value"]
-        else:
-            section.pop(item["key"], None)
-
-
 def allocations_from_kernel(current: KernelState) -> Dict[str, Allocation]:
     """interface -> the allocation our tagged entries on it show (for a record rebuilt from the
     kernel): the table of its routes, the priority of that table's rules, the mark of its nft
@@ -246,122 +232,6 @@ def allocations_from_kernel(current: KernelState) -> Dict[str, Allocation]:
     return out
 
 
-class _Tracked(dict):
-    """A section of the record that remembers which keys changed since the last save."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.changed: set = set()
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.changed.add(key)
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        self.changed.add(key)
-        super().__delitem__(key)
-
-    def pop(self, key: str, *default: Any) -> Any:
-        if key in self:
-            self.changed.add(key)
-        return super().pop(key, *default)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        new = dict(*args, **kwargs)
-        self.changed.update(new)
-        super().update(new)
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        if key not in self:
-            self[key] = default
-        return self[key]
-
-    def popitem(self) -> Any:
-        key, value = super().popitem()
-        self.changed.add(key)
-        return key, value
-
-    def clear(self) -> None:
-        self.changed.update(self)
-        super().clear()
-
-
-Stamp = Tuple[int, int, int]
-
-
-def _stamp(st: os.stat_result) -> Stamp:
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _overlay_name(section: str, key: str) -> str:
-    return f"{section}.{key.replace('%', '%25').replace('/', '%2F')}"
-
-
-def _read_overlays(directory: str, base: Optional[Stamp]) -> Tuple[Dict[str, Dict[str, Any]], set]:
-    """name -> content of the per-entry files that apply to ``base``, and the names of stale ones.
-    An unreadable file makes the record damaged (ValueError)."""
-    found: Dict[str, Dict[str, Any]] = {}
-    stale = set()
-    try:
-        names = os.listdir(os.path.join(directory, OVERLAYS))
-    except FileNotFoundError:
-        return found, stale
-    for name in names:
-        if name.startswith("."):
-            continue  # a temp file of a save that did not finish
-        with open(os.path.join(directory, OVERLAYS, name)) as handle:
-            item = json.load(handle)
-        if not isinstance(item, dict) or item.get("section") not in _SECTIONS or not isinstance(item.get("key"), str):
-            raise ValueError(f"{OVERLAYS}/{name} is not a record entry")
-        if base is None or item.get("base") != list(base):
-            stale.add(name)
-        else:
-            found[name] = item
-    return found, stale
-
-
-def _write_atomic(directory: str, name: str, text: str) -> None:
-    """``name`` holds ``text`` or what it held before, whatever happens (temp file, fsync, rename;
-    the temp file's name is the writer's own: every writer holds the lock)."""
-    tmp = os.path.join(directory, f".state.{name}.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            data = memoryview(text.encode())
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def generation(directory: str) -> int:
-    """How many saves the record of ``directory`` has seen (kept in the lock file; 0: none known)."""
-    try:
-        with open(os.path.join(directory, "lock"), "rb") as handle:
-            raw = handle.read(8)
-    except OSError:
-        return 0
-    return int.from_bytes(raw, "little") if len(raw) == 8 else 0
-
-
-def _count_save(directory: str) -> None:
-    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        raw = os.pread(fd, 8, 0)
-        count = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-        os.pwrite(fd, ((count + 1) & (2 ** 64 - 1)).to_bytes(8, "little"), 0)
-    finally:
-        os.close(fd)
-
-
 class Record:
     """The record's content; load with :meth:`load`, persist with :meth:`save`."""
 
@@ -369,7 +239,7 @@ class Record:
         self.directory = directory
         self.data: Dict[str, Any] = data or {}
         for key in _SECTIONS:
-            self.data[key] = _Tracked(self.data.get(key) or {})
+            self.data[key] = Tracked(self.data.get(key) or {})
         self.data["version"] = VERSION
         #: a dry run reads the record but never writes it
         self.readonly = False
@@ -396,12 +266,12 @@ class Record:
             try:
                 with open(path) as handle:
                     data = json.load(handle)
-                    base = _stamp(os.fstat(handle.fileno()))
+                    base = stamp_of(os.fstat(handle.fileno()))
             except FileNotFoundError:
                 data = {}
-            overlays, stale = _read_overlays(directory, base)
+            overlays, stale = read_overlays(directory, base, _SECTIONS)
             if base is not None:
-                _apply(data, overlays.values())
+                apply_overlays(data, overlays.values())
                 problem = damage(data)
         except (OSError, ValueError, AttributeError) as exc:
             problem = f"unreadable: {exc}"
@@ -442,11 +312,11 @@ class Record:
             self._set_aside()
         if not (changes_only and self._save_changes()):
             self._save_whole()
-        _count_save(self.directory)
+        count_save(self.directory)
 
     def _save_whole(self) -> None:
-        _write_atomic(self.directory, "state.json", json.dumps(self.data, separators=(",", ":"), sort_keys=True))
-        self.base = _stamp(os.stat(self.path))  # dumps: the C encoder (dump to a file is pure Python)
+        write_atomic(self.directory, "state.json", json.dumps(self.data, separators=(",", ":"), sort_keys=True))
+        self.base = stamp_of(os.stat(self.path))  # dumps: the C encoder (dump to a file is pure Python)
         for name in self._overlays | self._stale:  # they are in state.json now (or stale)
             try:
                 os.unlink(os.path.join(self.directory, OVERLAYS, name))
@@ -454,14 +324,14 @@ class Record:
                 pass
         self._overlays, self._stale = set(), set()
         for section in _SECTIONS:
-            self.data[section] = _Tracked(self.data[section])
+            self.data[section] = Tracked(self.data[section])
 
     def _save_changes(self) -> bool:
         """The changed entries, one file each; False when the whole record must be written."""
         sections = [self.data[s] for s in _SECTIONS]
-        if self.base is None or not all(isinstance(s, _Tracked) for s in sections):
+        if self.base is None or not all(isinstance(s, Tracked) for s in sections):
             return False
-        names = {(section, key): _overlay_name(section, key) for section in _SECTIONS
+        names = {(section, key): overlay_name(section, key) for section in _SECTIONS
                  for key in self.data[section].changed}
         if len(self._overlays) + len(names) > OVERLAY_SLACK + 2 * len(self.data["connections"]):
             return False  # fold them into state.json (amortized: one full save per many events)
@@ -472,7 +342,7 @@ class Record:
             item: Dict[str, Any] = {"base": base, "section": section, "key": key}
             if key in self.data[section]:
                 item["value"] = self.data[section][key]
-            _write_atomic(folder, name, json.dumps(item, separators=(",", ":"), sort_keys=True))
+            write_atomic(folder, name, json.dumps(item, separators=(",", ":"), sort_keys=True))
             self._overlays.add(name)
         for name in self._stale - self._overlays:  # (once after another process wrote state.json whole)
             try:

@@ -23,7 +23,8 @@ from .errors import PolicyRoutingError
 from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState
 from .planner import plan
 from .record import (Record, allocation_from_json, allocation_to_json, connection_from_json, connection_to_json,
-                     generation, locked, policy_from_json, policy_to_json)
+                     locked, policy_from_json, policy_to_json)
+from .recordfiles import generation
 from .rollback import slot
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ import json
 import os
 
 from nm_policy_routing.model import Allocation, Fwmark
-from nm_policy_routing.record import OVERLAYS, Record, allocation_to_json, damage, generation
+from nm_policy_routing.record import Record, allocation_to_json, damage
+from nm_policy_routing.recordfiles import OVERLAYS, generation
 
 SVC = "5e1f0000-0000-4000-8000-0000000000b1"
 NEW = "5e1f0000-0000-4000-8000-0000000000c2"

@@ -12,14 +12,18 @@ periodic check runs): that listing forks a child and reads the whole ruleset, th
 most expensive read of an event. Likewise our own table: listing it is O(N) (three
 chains per mark), so the view of it is the last listing or the last committed
 transaction (all or nothing), kept until the watch reports a change to it by anyone
-else, lost notifications, or the periodic check. Sysctl values are remembered as read
+else, lost notifications, or the periodic check; it is indexed by interface and mark
+value, and one connection's change is committed over nfnetlink directly (nftraw.py:
+libnftables would read the whole table first). Sysctl values are remembered as read
 (one file per interface and key), forgotten when a link appears or comes up and at the
 periodic check; a value we write is read back for real. Rules and routes: the last dump,
 kept current by our own acknowledged changes, the routes of each table we change read
 back at the next read (a dump the kernel filters by table), everything dumped again
 when the netlink watch reports a link or address change, someone else's rule or route
-change, lost notifications, or at the periodic check. Used from the daemon's one engine
-thread only.
+change, lost notifications, or at the periodic check; indexed by table (and rules by
+incoming interface), so one connection's entries are read in O(1) (``read_scope``). What
+other owners use (foreign rules' priorities and marks) is kept until someone else changes a
+rule or route. Used from the daemon's one engine thread only.
 """
 
 from __future__ import annotations
@@ -37,57 +41,12 @@ from .rtnl import NLM_F_CREATE, NLM_F_EXCL, RTM_DELRULE, RTM_NEWRULE, Rtnl, rule
 from .nftables import Nftables
 
 
-class _MarkIndex:
-    """Our table's marks as last listed or committed, by interface and by mark value, with how
-    many entries use each mask (the table's skeleton): one connection's change is O(1)."""
-
-    def __init__(self, marks: Iterable[Mark]) -> None:
-        self.marks: Set[Mark] = set()
-        self.by_iface: Dict[str, Set[Mark]] = {}
-        self.by_fwmark: Dict[Fwmark, Set[Mark]] = {}
-        self.masks: Dict[int, int] = {}
-        self._update(set(), set(marks))
-
-    def _update(self, gone: Set[Mark], new: Set[Mark]) -> None:
-        for mark, step in [*((m, -1) for m in gone), *((m, 1) for m in new)]:
-            fw = Fwmark(mark.value, mark.mask)
-            for index, key in ((self.by_iface, mark.iface), (self.by_fwmark, fw)):
-                entries = index.setdefault(key, set())
-                entries.add(mark) if step > 0 else entries.discard(mark)
-                if not entries:
-                    del index[key]
-            self.masks[mark.mask] = self.masks.get(mark.mask, 0) + step
-            if not self.masks[mark.mask]:
-                del self.masks[mark.mask]
-        self.marks -= gone
-        self.marks |= new
-
-    def on(self, ifaces: Iterable[str]) -> Set[Mark]:
-        return {m for iface in ifaces for m in self.by_iface.get(iface, ())}
-
-    def change(self, before: Set[Mark], after: Set[Mark]) -> Tuple[Set[Mark], Set[Mark], bool]:
-        """(every entry of the mark values concerned now, the same afterwards, whether the table's
-        skeleton stays) for one connection's marks going from ``before`` to ``after``."""
-        gone, new = before - after, after - before
-        values = {Fwmark(m.value, m.mask) for m in gone | new}
-        now = {m for fw in values for m in self.by_fwmark.get(fw, ())}
-        later = (now - gone) | new
-        masks = dict(self.masks)
-        for mark, step in [*((m, -1) for m in now - later), *((m, 1) for m in later - now)]:
-            masks[mark.mask] = masks.get(mark.mask, 0) + step
-        kept = bool(self.marks) and {k for k, v in masks.items() if v} == set(self.masks)
-        return now, later, kept
-
-    def apply(self, now: Set[Mark], later: Set[Mark]) -> None:
-        self._update(now - later, later - now)
-
-
 class _RememberingNftables(Nftables):
     def __init__(self) -> None:
         super().__init__()
         self.remembered: Optional[tuple] = None
         #: our table's marks as last listed or committed; None: list it again
-        self.view: Optional[_MarkIndex] = None
+        self.view: Optional[nftdelta.MarkIndex] = None
 
     def foreign(self):
         """(marks, writers, early reverse-path filters) of the other nft tables, as last listed."""
@@ -96,11 +55,11 @@ class _RememberingNftables(Nftables):
             found = self.remembered = super().foreign()
         return tuple(list(part) for part in found)
 
-    def index(self) -> Optional[_MarkIndex]:
+    def index(self) -> Optional[nftdelta.MarkIndex]:
         """The view of our table (listed when there is none); None when the table is not as written."""
         if self.view is None:
             marks, intact, _ = super().our_marks()
-            self.view = _MarkIndex(marks) if intact else None
+            self.view = nftdelta.MarkIndex(marks) if intact else None
         return self.view
 
     def our_marks(self) -> Tuple[Set[Mark], bool, bool]:
@@ -108,14 +67,14 @@ class _RememberingNftables(Nftables):
         if view is not None:
             return set(view.marks), True, bool(view.marks)
         marks, intact, exists = super().our_marks()
-        self.view = _MarkIndex(marks) if intact else None
+        self.view = nftdelta.MarkIndex(marks) if intact else None
         return marks, intact, exists
 
     def replace(self, marks: Iterable[Mark], exists: bool) -> None:
         marks = frozenset(marks)
         self.view = None
         super().replace(marks, exists)
-        self.view = _MarkIndex(marks)
+        self.view = nftdelta.MarkIndex(marks)
 
     def change(self, cmd: Dict[str, Any]) -> None:
         view, self.view = self.view, None  # set again by the caller once committed
@@ -329,7 +288,7 @@ class ResidentKernel(LiveKernel):
     def set_marks(self, marks: Iterable[Mark]) -> None:
         marks = frozenset(marks)
         super().set_marks(marks)
-        self.nft.view = _MarkIndex(marks)  # committed in one transaction; a change by anyone else is notified
+        self.nft.view = nftdelta.MarkIndex(marks)  # committed in one transaction; a change by anyone else is notified
 
 
 class Resident:
