@@ -352,6 +352,16 @@ class KernelState:
             sockmarks.update(state.sockmarks)
         return cls(frozenset(rules), frozenset(routes), frozenset(marks), frozenset(sysctls), frozenset(sockmarks))
 
+    def within(self, tables: "Container[int]", ifaces: "Container[str]") -> "KernelState":
+        """The entries of one connection: those of its tables and of its interfaces (an incoming
+        policy's forward rule looks up main: it is the connection's by its iif)."""
+        return KernelState(
+            frozenset(r for r in self.rules if r.table in tables or (r.iif is not None and r.iif in ifaces)),
+            frozenset(r for r in self.routes if r.table in tables),
+            frozenset(m for m in self.marks if m.iface in ifaces),
+            frozenset(s for s in self.sysctls if s.iface in ifaces),
+        )
+
     def entries(self) -> list:
         return [*sorted(self.sysctls), *sorted(self.routes), *sorted(self.rules), *sorted(self.marks),
                 *sorted(self.sockmarks)]
@@ -372,6 +382,9 @@ class ForeignUsage:
     mark_writers: Tuple[str, ...] = ()
     #: foreign strict reverse-path filters before our marking: (family, who)
     early_rpfilter: Tuple[Tuple[int, str], ...] = ()
+    #: marks other connections hold, by mask, then value (the one-connection planning: the
+    #: planner checks a mark against them in O(masks), as against the ones it allocates)
+    held_marks: Mapping[int, Mapping[int, Tuple["Fwmark", str]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

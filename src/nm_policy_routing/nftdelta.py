@@ -10,7 +10,7 @@ chains' rules differ) there is no delta: the caller replaces the table.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import nftjson
 from .model import Fwmark, Mark
@@ -34,12 +34,20 @@ def _jump(chain: str) -> Dict[str, Any]:
     return {"jump": {"target": chain}}
 
 
-def delta(before: Iterable[Mark], after: Iterable[Mark]) -> Optional[Dict[str, Any]]:
+def delta(before: Iterable[Mark], after: Iterable[Mark], skeleton_kept: Optional[bool] = None
+          ) -> Optional[Dict[str, Any]]:
     """The transaction from ``before`` to ``after`` (both non-empty, same masks); None when the
-    table must be replaced instead; an empty command list when nothing changes."""
+    table must be replaced instead; an empty command list when nothing changes.
+
+    ``before`` and ``after`` may also be the part of the table that changes — every entry
+    of each mark value concerned — when the caller, who knows the whole table, tells
+    whether its skeleton stays (``skeleton_kept``: the table exists before and after, with
+    the same masks)."""
     before, after = set(before), set(after)
     fb, fa = _fwmarks(before), _fwmarks(after)
-    if not before or not after or {f.mask for f in fb} != {f.mask for f in fa}:
+    if skeleton_kept is None:
+        skeleton_kept = bool(before and after) and {f.mask for f in fb} == {f.mask for f in fa}
+    if not skeleton_kept:
         return None
     ib, ia = _fwmarks(before, "incoming"), _fwmarks(after, "incoming")
     cmds: List[Dict[str, Any]] = []
@@ -67,3 +75,49 @@ def delta(before: Iterable[Mark], after: Iterable[Mark]) -> Optional[Dict[str, A
         target = chain_of[mark.direction](Fwmark(mark.value, mark.mask))
         cmds.append(_element("add", mark.direction, [[mark.iface, _jump(target)]]))
     return {"nftables": cmds}
+
+
+class MarkIndex:
+    """Marks (our table's, as last listed or committed) by interface and by mark value, with how
+    many entries use each mask (the table's skeleton): the part of the table one connection's
+    change concerns, for :func:`delta`, is found in O(1)."""
+
+    def __init__(self, marks: Iterable[Mark]) -> None:
+        self.marks: Set[Mark] = set()
+        self.by_iface: Dict[str, Set[Mark]] = {}
+        self.by_fwmark: Dict[Fwmark, Set[Mark]] = {}
+        self.masks: Dict[int, int] = {}
+        self._update(set(), set(marks))
+
+    def _update(self, gone: Set[Mark], new: Set[Mark]) -> None:
+        for mark, step in [*((m, -1) for m in gone), *((m, 1) for m in new)]:
+            fw = Fwmark(mark.value, mark.mask)
+            for index, key in ((self.by_iface, mark.iface), (self.by_fwmark, fw)):
+                entries = index.setdefault(key, set())
+                entries.add(mark) if step > 0 else entries.discard(mark)
+                if not entries:
+                    del index[key]
+            self.masks[mark.mask] = self.masks.get(mark.mask, 0) + step
+            if not self.masks[mark.mask]:
+                del self.masks[mark.mask]
+        self.marks -= gone
+        self.marks |= new
+
+    def on(self, ifaces: Iterable[str]) -> Set[Mark]:
+        return {m for iface in ifaces for m in self.by_iface.get(iface, ())}
+
+    def change(self, before: Set[Mark], after: Set[Mark]) -> Tuple[Set[Mark], Set[Mark], bool]:
+        """(every entry of the mark values concerned now, the same afterwards, whether the table's
+        skeleton stays) for one connection's marks going from ``before`` to ``after``."""
+        gone, new = before - after, after - before
+        values = {Fwmark(m.value, m.mask) for m in gone | new}
+        now = {m for fw in values for m in self.by_fwmark.get(fw, ())}
+        later = (now - gone) | new
+        masks = dict(self.masks)
+        for mark, step in [*((m, -1) for m in now - later), *((m, 1) for m in later - now)]:
+            masks[mark.mask] = masks.get(mark.mask, 0) + step
+        kept = bool(self.marks) and {k for k, v in masks.items() if v} == set(self.masks)
+        return now, later, kept
+
+    def apply(self, now: Set[Mark], later: Set[Mark]) -> None:
+        self._update(now - later, later - now)

@@ -16,7 +16,8 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import (TYPE_CHECKING, Callable, Container, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Set, Tuple)
 
 from . import apps
 from .errors import PolicyError
@@ -133,7 +134,8 @@ class _Allocator:
     marks: List[Tuple[Fwmark, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.foreign_priorities = {p for _, p in self.foreign.priorities}
+        #: asked one priority at a time (the container may be a lazy union: O(1), not O(rules))
+        self.foreign_priorities = _AnyFamily(self.foreign.priorities)
         #: self.marks by mask, then value: two marks of one mask overlap only when equal
         self._by_mask: Dict[int, Dict[int, Tuple[Fwmark, str]]] = {}
 
@@ -144,7 +146,7 @@ class _Allocator:
         for other, owner in self.foreign.marks:
             if other.overlaps(mark):
                 return f"mark bits 0x{other.mask & mark.mask:x} are used by {owner} ({other})"
-        for mask, values in self._by_mask.items():  # O(masks in use), not O(connections)
+        for mask, values in _by_mask_items(self.foreign.held_marks, self._by_mask):  # O(masks in use)
             if mask == mark.mask:
                 other = values.get(mark.value & mark.mask)
                 if other is not None:
@@ -199,8 +201,8 @@ class _Allocator:
                     and AUTO_PRIORITY_RANGE[0] <= previous.priority <= AUTO_PRIORITY_RANGE[1]:
                 priority = previous.priority
             else:
-                taken = set(self.priorities) | self.foreign_priorities
-                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE, taken.__contains__)
+                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE,
+                                  lambda p: p in self.priorities or p in self.foreign_priorities)
         mark = policy.fwmark if policy.uses_marks else None
         if policy.uses_marks and mark is None:
             mark = self._auto_mark(uuid, previous, problems)
@@ -232,6 +234,21 @@ class _Allocator:
             f"no free automatic fwmark left in bits 0x{AUTO_MARK_MASK:08x} (used by "
             f"{', '.join(users[:5]) or 'nobody'}); set nm-policy-routing.fwmark to free bits")
         return None
+
+
+class _AnyFamily:
+    """``priority in`` (family, priority) pairs, whatever the family."""
+
+    def __init__(self, pairs: Container[Tuple[int, int]]) -> None:
+        self.pairs = pairs
+
+    def __contains__(self, priority: object) -> bool:
+        return (4, priority) in self.pairs or (6, priority) in self.pairs
+
+
+def _by_mask_items(*indexes: Mapping[int, Dict[int, Tuple[Fwmark, str]]]) -> Iterator[Tuple[int, Dict]]:
+    for index in indexes:
+        yield from index.items()
 
 
 def _nft_unsafe(iface: str) -> Optional[str]:

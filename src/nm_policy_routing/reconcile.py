@@ -43,7 +43,7 @@ class Kernel(Protocol):
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState: ...
     def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]: ...
-    def unusable_addresses(self) -> Set[str]: ...
+    def unusable_addresses(self, iface: Optional[str] = None) -> Set[str]: ...
     def foreign(self) -> ForeignUsage: ...
     def write_sysctl(self, entry: Sysctl) -> None: ...
     def add_route(self, route: Route) -> None: ...
@@ -306,7 +306,8 @@ class Engine:
         if not any(c.addresses for c in conns.values()):
             return {}
         reader = getattr(kernel, "unusable_addresses", None)  # a kernel model without it has none
-        unusable = reader() if reader else set()
+        one = next(iter(conns.values())).iface if len(conns) == 1 else None  # one: its interface's alone
+        unusable = (reader(one) if one else reader()) if reader else set()
         for conn in conns.values():
             waiting = [a.ip for a in conn.addresses if a.ip in unusable and not a.link_local]  # unplanned
             if waiting:
@@ -344,12 +345,16 @@ class Engine:
             kernel.add_rule(rule)
             result.change(f"add {rule}", rule)
 
-    def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result) -> None:
+    def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result,
+                   write: Optional[Callable[[Iterable[Mark]], None]] = None) -> None:
+        """Make the marks ``target`` holds; ``write`` (one connection's: its marks only) instead of
+        the whole table's."""
         if target.marks == before.marks and kernel.nft_intact:
             return
         fault_point("nft")
-        kernel.set_marks(target.marks)
-        result.changes.append(f"nft table: {len(target.marks)} marking entries")
+        (write or kernel.set_marks)(target.marks)
+        result.changes.append(f"nft table: {len(target.marks)} marking entries" if write is None
+                              else f"nft table: {len(target.marks)} marking entries of the connection")
         added, removed = sorted(target.marks - before.marks), sorted(before.marks - target.marks)
         for mark_entry in added:
             result.attributed.append((result.owner(mark_entry), f"add {mark_entry}"))
@@ -364,9 +369,10 @@ class Engine:
             result.change(f"conntrack: deleted the flows marked {mark}", mark)
 
     def _remove_stale(self, kernel: Kernel, record: Record, current: KernelState, target: KernelState,
-                      result: Result, restored: List[str]) -> None:
+                      result: Result, restored: List[str], slots: Optional[Iterable[str]] = None) -> None:
         """Delete what is no longer wanted; sysctls go back to their originals, which stay in the
-        record (listed in ``restored``) until the result is verified."""
+        record (listed in ``restored``) until the result is verified. ``slots``: the recorded
+        originals to consider (one connection's; default all)."""
         stale = current - target
         for entry in sorted(stale.sockmarks):  # before the rules: no socket is marked for a gone table
             kernel.detach_sockmark(entry)  # type: ignore[attr-defined]
@@ -382,7 +388,9 @@ class Engine:
                 kernel.del_route(route)
                 result.change(f"delete {route}", route)
         wanted = {slot(s) for s in target.sysctls}
-        for key, original in sorted(record.data["sysctls"].items()):
+        originals = record.data["sysctls"]
+        for key in sorted(originals if slots is None else set(slots) & originals.keys()):
+            original = originals[key]
             if key in wanted:
                 continue
             family, iface, name = key.split("/")
@@ -394,8 +402,10 @@ class Engine:
                               Sysctl(family, iface, name, int(original)))
             restored.append(key)
 
-    def _verify(self, kernel: Kernel, record: Record, target: KernelState) -> None:
-        after = kernel.read(record.sysctl_originals())
+    def _verify(self, kernel: Kernel, record: Record, target: KernelState,
+                read: Optional[Callable[[], KernelState]] = None) -> None:
+        """Read back (everything, or what ``read`` reads: one connection's) and compare to ``target``."""
+        after = read() if read is not None else kernel.read(record.sysctl_originals())
         problems = []
         for kind in ("rules", "routes", "marks", "sockmarks"):
             want, have = getattr(target, kind), getattr(after, kind)

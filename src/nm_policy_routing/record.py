@@ -6,6 +6,17 @@ allocations, each sysctl's value before we changed it, and the last outcome per
 connection for ``status``. Written atomically (temp file + rename); one file lock
 serializes every process that reconciles.
 
+One connection's event must not cost O(N): the daemon's one-connection path saves only
+the entries it changed, each as one file ``state.d/<section>.<key>`` (atomic, like the
+base) that names the ``state.json`` it applies to (inode, size, mtime). Loading reads
+``state.json`` and applies those files on top; a full save (every full reconcile, and
+when the files grow past a bound) writes ``state.json`` whole and removes them. Files
+naming another ``state.json`` (a crash between the two steps of a full save, or a
+process of 0.2.0 that wrote the base whole during an upgrade) are stale: ignored, and
+removed at the next save. ``state.json`` keeps 0.2.0's format (0.2.0's record loads as
+it is; 0.2.0 reads the base). Each save also counts up a generation in the lock file, so
+a process keeping a record in memory sees any other writer's save.
+
 The record is checked on load. A damaged one (not JSON, another version, or any entry of
 the wrong type or out of range) is set aside as ``state.json.damaged-<time>`` at the next
 write, logged, and rebuilt: what is ours is read from the kernel anyway (rules and routes
@@ -20,7 +31,6 @@ import ipaddress
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -28,12 +38,16 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from .model import (MATCH_KINDS, Address, Allocation, App, Connection, ExtraRoute, Fwmark, KernelState, Policy,
                     real_gateway)
+from .recordfiles import (OVERLAYS, Stamp, Tracked, apply_overlays, count_save, overlay_name, read_overlays, stamp_of,
+                          write_atomic)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/run/nm-policy-routing"
 VERSION = 1
 _THREAD_LOCK = threading.RLock()
+#: a full save (state.json whole) when the per-entry files outnumber this plus twice the connections
+OVERLAY_SLACK = 64
 
 
 def state_dir(override: Optional[str] = None) -> str:
@@ -224,13 +238,18 @@ class Record:
     def __init__(self, directory: str, data: Optional[Dict[str, Any]] = None) -> None:
         self.directory = directory
         self.data: Dict[str, Any] = data or {}
-        for key in ("connections", "allocations", "sysctls", "outcomes", "policies"):
-            self.data.setdefault(key, {})
+        for key in _SECTIONS:
+            self.data[key] = Tracked(self.data.get(key) or {})
         self.data["version"] = VERSION
         #: a dry run reads the record but never writes it
         self.readonly = False
         #: why the record on disk was not used (it is set aside at the next write), or None
         self.damaged: Optional[str] = None
+        #: the state.json the per-entry files apply to (None: none on disk yet)
+        self.base: Optional[Stamp] = None
+        #: the per-entry files on disk that apply to it, and those that are stale
+        self._overlays: set = set()
+        self._stale: set = set()
 
     @property
     def path(self) -> str:
@@ -240,13 +259,21 @@ class Record:
     def load(cls, directory: str) -> "Record":
         path = os.path.join(directory, "state.json")
         problem = None
+        base: Optional[Stamp] = None
+        overlays: Dict[str, Dict[str, Any]] = {}
+        stale: set = set()
         try:
-            with open(path) as handle:
-                data = json.load(handle)
-            problem = damage(data)
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as exc:
+            try:
+                with open(path) as handle:
+                    data = json.load(handle)
+                    base = stamp_of(os.fstat(handle.fileno()))
+            except FileNotFoundError:
+                data = {}
+            overlays, stale = read_overlays(directory, base, _SECTIONS)
+            if base is not None:
+                apply_overlays(data, overlays.values())
+                problem = damage(data)
+        except (OSError, ValueError, AttributeError) as exc:
             problem = f"unreadable: {exc}"
         if problem:
             log.error("the record %s is damaged (%s): it is not used; what is ours is re-read from the "
@@ -255,20 +282,26 @@ class Record:
             record = cls(directory, {})
             record.damaged = problem
             return record
-        return cls(directory, data)
+        record = cls(directory, data)
+        record.base, record._overlays, record._stale = base, set(overlays), stale
+        return record
 
     def _set_aside(self) -> None:
-        aside = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:
-            pass
-        else:
-            log.error("set the damaged record aside as %s (%s); a new one is written from the kernel's "
-                      "state and the active connections", aside, self.damaged)
+        suffix = f"damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        for name in ("state.json", OVERLAYS):
+            path = os.path.join(self.directory, name)
+            try:
+                os.replace(path, f"{path}.{suffix}")
+            except FileNotFoundError:
+                continue
+            log.error("set the damaged record aside as %s.%s (%s); a new one is written from the kernel's "
+                      "state and the active connections", path, suffix, self.damaged)
         self.damaged = None
+        self._overlays, self._stale = set(), set()
 
-    def save(self) -> None:
+    def save(self, changes_only: bool = False) -> None:
+        """Write the record: whole (``state.json``), or with ``changes_only`` just the entries
+        changed since it was loaded or saved (one file each; whole when that is not possible)."""
         if self.readonly:
             return
         from .faults import fault_point
@@ -277,19 +310,49 @@ class Record:
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         if self.damaged:
             self._set_aside()
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as handle:  # dumps: the C encoder (dump to a file is pure Python)
-                handle.write(json.dumps(self.data, separators=(",", ":"), sort_keys=True))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
+        if not (changes_only and self._save_changes()):
+            self._save_whole()
+        count_save(self.directory)
+
+    def _save_whole(self) -> None:
+        write_atomic(self.directory, "state.json", json.dumps(self.data, separators=(",", ":"), sort_keys=True))
+        self.base = stamp_of(os.stat(self.path))  # dumps: the C encoder (dump to a file is pure Python)
+        for name in self._overlays | self._stale:  # they are in state.json now (or stale)
             try:
-                os.unlink(tmp)
-            except OSError:
+                os.unlink(os.path.join(self.directory, OVERLAYS, name))
+            except FileNotFoundError:
                 pass
-            raise
+        self._overlays, self._stale = set(), set()
+        for section in _SECTIONS:
+            self.data[section] = Tracked(self.data[section])
+
+    def _save_changes(self) -> bool:
+        """The changed entries, one file each; False when the whole record must be written."""
+        sections = [self.data[s] for s in _SECTIONS]
+        if self.base is None or not all(isinstance(s, Tracked) for s in sections):
+            return False
+        names = {(section, key): overlay_name(section, key) for section in _SECTIONS
+                 for key in self.data[section].changed}
+        if len(self._overlays) + len(names) > OVERLAY_SLACK + 2 * len(self.data["connections"]):
+            return False  # fold them into state.json (amortized: one full save per many events)
+        folder = os.path.join(self.directory, OVERLAYS)
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        base = list(self.base)
+        for (section, key), name in names.items():
+            item: Dict[str, Any] = {"base": base, "section": section, "key": key}
+            if key in self.data[section]:
+                item["value"] = self.data[section][key]
+            write_atomic(folder, name, json.dumps(item, separators=(",", ":"), sort_keys=True))
+            self._overlays.add(name)
+        for name in self._stale - self._overlays:  # (once after another process wrote state.json whole)
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+        self._stale = set()
+        for section in sections:
+            section.changed = set()
+        return True
 
     # ---- typed views ---------------------------------------------------
 

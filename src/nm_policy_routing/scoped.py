@@ -2,13 +2,14 @@
 active connections.
 
 The connection is planned alone, against the other connections' recorded allocations
-(they never move for it); its entries are diffed against the daemon's resident views of
-the kernel (adapters/resident.py), applied with the engine's own steps (sysctls, routes,
-rules, then the nft marking as one element-by-element transaction; removal in reverse),
-and verified against those views, in which the tables it changed were read back. The
-full reconcile (reconcile.Engine) stays the reference: whenever this is not the simple
-case — a conflict with another connection, an allocation that would move, an interface
-another connection holds, an error from the kernel — the caller runs the full one.
+(they never move for it; kept indexed across events), its own entries are read from the
+daemon's resident views of the kernel (adapters/resident.py: by table and interface),
+the difference is applied with the engine's own steps (sysctls, routes, rules, then its
+nft marking as one element-by-element transaction; removal in reverse), read back and
+verified the same way, and the record saves only the entries that changed. The full
+reconcile (reconcile.Engine) stays the reference: whenever this is not the simple case —
+a conflict with another connection, an allocation that would move, an interface another
+connection holds, an error from the kernel — the caller runs the full one.
 """
 
 from __future__ import annotations
@@ -16,22 +17,27 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .errors import PolicyRoutingError
-from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, KernelState
+from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState
 from .planner import plan
 from .record import (Record, allocation_from_json, allocation_to_json, connection_from_json, connection_to_json,
                      locked, policy_from_json, policy_to_json)
+from .recordfiles import generation
+from .rollback import slot
 
 if TYPE_CHECKING:
     from .reconcile import Engine, Result
 
 log = logging.getLogger(__name__)
 
+#: the sysctls a policy sets on its interface (planner.entries_for), as the record names them
+_SYSCTL_SLOTS = tuple(f"ipv4/{{}}/{key}" for key in ("src_valid_mark", "rp_filter"))
+
 
 class _Union:
-    """``table in tables`` over the foreign tables and the other connections' tables."""
+    """``item in`` either of two containers (what foreign owners hold, what other connections hold)."""
 
     def __init__(self, first, second) -> None:
         self.first, self.second = first, second
@@ -40,22 +46,92 @@ class _Union:
         return item in self.second or item in self.first
 
 
-def _with_others(foreign: ForeignUsage, others: Dict[str, Tuple[str, Allocation]]) -> ForeignUsage:
-    """What the other connections hold, as the planner sees what foreign owners hold."""
-    tables = {alloc.table for _, alloc in others.values()}
-    priorities = {(f, alloc.priority) for _, alloc in others.values() for f in (4, 6)}
-    marks = tuple((alloc.fwmark, f"connection {label}") for label, alloc in others.values() if alloc.fwmark)
-    return ForeignUsage(_Union(foreign.tables, tables), foreign.priorities | priorities, foreign.marks + marks)
+class _AnyFamilyOf:
+    """``(family, priority) in``: the priorities other connections hold are theirs in both families."""
+
+    def __init__(self, priorities: Dict[int, str]) -> None:
+        self.priorities = priorities
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, tuple) and len(item) == 2 and item[1] in self.priorities
 
 
-def _entries_of(state: KernelState, table: Optional[int], iface: Optional[str]) -> KernelState:
-    """The entries of ``state`` that belong to one connection (its table, its interface)."""
-    return KernelState(  # (an incoming policy's forward rule looks up main: it is ours by its iif)
-        frozenset(r for r in state.rules if r.table == table or (iface and getattr(r, "iif", None) == iface)),
-        frozenset(r for r in state.routes if r.table == table),
-        frozenset(m for m in state.marks if m.iface == iface),
-        frozenset(s for s in state.sysctls if s.iface == iface),
-    )
+class _Held:
+    """The recorded connections, indexed: each one's label, interface and allocation, and which
+    connection holds a table, a priority, a mark. Built once per record loaded, kept current by
+    this path's changes (a record someone else wrote is loaded and indexed again)."""
+
+    def __init__(self, data: Dict[str, Any]) -> None:
+        self.label: Dict[str, str] = {}
+        self.iface_of: Dict[str, str] = {}
+        self.on_iface: Dict[str, Set[str]] = {}
+        self.alloc: Dict[str, Allocation] = {}
+        self.tables: Dict[int, str] = {}
+        self.priorities: Dict[int, str] = {}
+        self.marks: Dict[int, Dict[int, Tuple[Fwmark, str]]] = {}
+        for uuid, conn in data["connections"].items():
+            self.put_connection(uuid, conn)
+        for uuid, alloc in data["allocations"].items():
+            if uuid in self.label:
+                self.put_allocation(uuid, allocation_from_json(alloc))
+
+    def put_connection(self, uuid: str, conn: Dict[str, Any]) -> None:
+        self.label[uuid] = f"{conn.get('id') or uuid} ({uuid})"
+        self._move(uuid, conn.get("iface") or None)
+
+    def _move(self, uuid: str, iface: Optional[str]) -> None:
+        old = self.iface_of.pop(uuid, None)
+        if old is not None:
+            self.on_iface.get(old, set()).discard(uuid)
+            if not self.on_iface.get(old, True):
+                del self.on_iface[old]
+        if iface:
+            self.iface_of[uuid] = iface
+            self.on_iface.setdefault(iface, set()).add(uuid)
+
+    def put_allocation(self, uuid: str, alloc: Optional[Allocation]) -> None:
+        self.drop_allocation(uuid)
+        if alloc is None:
+            return
+        self.alloc[uuid] = alloc
+        label = self.label.get(uuid, uuid)
+        self.tables[alloc.table] = label
+        self.priorities[alloc.priority] = label
+        if alloc.fwmark:
+            values = self.marks.setdefault(alloc.fwmark.mask, {})
+            values.setdefault(alloc.fwmark.value & alloc.fwmark.mask, (alloc.fwmark, label))
+
+    def drop_allocation(self, uuid: str) -> None:
+        alloc = self.alloc.pop(uuid, None)
+        if alloc is None:
+            return
+        label = self.label.get(uuid, uuid)
+        for index, key in ((self.tables, alloc.table), (self.priorities, alloc.priority)):
+            if index.get(key) == label:
+                del index[key]
+        if alloc.fwmark:
+            values = self.marks.get(alloc.fwmark.mask, {})
+            if values.get(alloc.fwmark.value & alloc.fwmark.mask, (None, None))[1] == label:
+                del values[alloc.fwmark.value & alloc.fwmark.mask]
+                if not values:
+                    del self.marks[alloc.fwmark.mask]
+
+    def forget(self, uuid: str) -> None:
+        self.drop_allocation(uuid)
+        self._move(uuid, None)
+        self.label.pop(uuid, None)
+
+    def usage(self, foreign: ForeignUsage) -> ForeignUsage:
+        """What foreign owners and the indexed connections hold, as the planner sees foreign usage."""
+        return replace(foreign, tables=_Union(foreign.tables, self.tables),
+                       priorities=_Union(foreign.priorities, _AnyFamilyOf(self.priorities)),
+                       held_marks=self.marks)
+
+
+def _slots(originals: Dict[str, int], ifaces: Iterable[str], wanted: KernelState) -> Set[str]:
+    """The recorded sysctl originals of these interfaces, and the slots ``wanted`` sets."""
+    candidates = {pattern.format(iface) for iface in ifaces for pattern in _SYSCTL_SLOTS}
+    return {key for key in candidates if key in originals} | {slot(s) for s in wanted.sysctls}
 
 
 class Scoped:
@@ -63,22 +139,24 @@ class Scoped:
 
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
-        #: the record as this process last saved it, with the file's (inode, size, mtime): loaded
-        #: and checked again only when someone else wrote it since
-        self._kept: Optional[Tuple[Tuple[int, int, int], Record]] = None
+        #: the record as this process last saved it and its index, with the stamp of the record
+        #: on disk (state.json's inode, size, mtime and the save count): loaded and indexed again
+        #: only when someone else wrote it since
+        self._kept: Optional[Tuple[Tuple[Any, ...], Record, _Held]] = None
 
-    def _stamp(self) -> Optional[Tuple[int, int, int]]:
+    def _stamp(self) -> Optional[Tuple[Any, ...]]:
         try:
             st = os.stat(os.path.join(self.engine.directory, "state.json"))
         except OSError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, generation(self.engine.directory))
 
-    def _load(self) -> Record:
+    def _load(self) -> Tuple[Record, Optional[_Held]]:
         kept, self._kept = self._kept, None
         if kept is not None and kept[0] == self._stamp():
-            return kept[1]
-        return Record.load(self.engine.directory)
+            return kept[1], kept[2]
+        record = Record.load(self.engine.directory)
+        return record, None if record.damaged else _Held(record.data)
 
     def ensure(self, conn: Connection) -> Optional["Result"]:
         return self._run(conn.uuid, conn)
@@ -90,13 +168,15 @@ class Scoped:
         if self.engine.dry_run:
             return None
         with locked(self.engine.directory):
-            record = self._load()
+            record, held = self._load()
+            if held is None:
+                return None  # a damaged record is rebuilt by the full reconcile
             kernel = self.engine._kernel()
             try:
-                result = self._reconcile(kernel, record, uuid, conn)
+                result = self._reconcile(kernel, record, held, uuid, conn)
                 if result is not None:
                     stamp = self._stamp()
-                    self._kept = (stamp, record) if stamp is not None else None
+                    self._kept = (stamp, record, held) if stamp is not None else None
                 return result
             except PolicyRoutingError as exc:
                 log.warning("one-connection change of %s failed (%s); reconciling everything", uuid, exc)
@@ -104,34 +184,32 @@ class Scoped:
             finally:
                 kernel.close()
 
-    def _reconcile(self, kernel, record: Record, uuid: str, conn: Optional[Connection]) -> Optional["Result"]:
+    def _reconcile(self, kernel, record: Record, held: _Held, uuid: str,
+                   conn: Optional[Connection]) -> Optional["Result"]:
         from .reconcile import Result
         from .story import owners_of
 
-        if getattr(record, "damaged", None):
-            return None  # a damaged record is rebuilt by the full reconcile
         data = record.data
-        labels = {u: (c.get("id") or u) for u, c in data["connections"].items()}
-        others = {u: (f"{labels[u]} ({u})", allocation_from_json(a)) for u, a in data["allocations"].items()
-                  if u != uuid and u in labels}
-        previous = allocation_from_json(data["allocations"][uuid]) if uuid in data["allocations"] else None
+        previous = held.alloc.get(uuid)
         old = data["connections"].get(uuid)
-        old_iface = (old or {}).get("iface")
-        if conn is not None and any(c.get("iface") == conn.iface for u, c in data["connections"].items()
-                                    if u != uuid):
+        ifaces = {i for i in (held.iface_of.get(uuid), conn.iface if conn else None) if i}
+        if any(held.on_iface.get(iface, set()) - {uuid} for iface in ifaces):
             return None  # two connections on one interface: the full plan says who wins
         if _has_apps(self.engine, old):
             return None  # per-application routing (socket programs, cgroups): the full reconcile does it
-        before = kernel.read(record.sysctl_originals())
         result = Result()
         cp: Optional[ConnectionPlan] = None
         new = KernelState()
         if conn is not None:
-            held = self.engine._held_back(kernel, {uuid: conn}, result).get(uuid, ())
-            planned = replace(conn, addresses=tuple(a for a in conn.addresses if a.ip not in held))
+            waiting = self.engine._held_back(kernel, {uuid: conn}, result).get(uuid, ())
+            planned = replace(conn, addresses=tuple(a for a in conn.addresses if a.ip not in waiting))
             cache = _LazyPolicies(data["policies"])
-            the_plan = plan([planned], _with_others(kernel.foreign(), others),
-                            {uuid: previous} if previous else {}, self.engine.defaults(), cache)
+            held.drop_allocation(uuid)  # planned against the others
+            try:
+                the_plan = plan([planned], held.usage(kernel.foreign()), {uuid: previous} if previous else {},
+                                self.engine.defaults(), cache)
+            finally:
+                held.put_allocation(uuid, previous)
             cp = the_plan.connections[0]
             if cp.status == "conflict" or (previous and cp.allocation and cp.allocation != previous):
                 return None
@@ -139,21 +217,23 @@ class Scoped:
                 return None  # per-application routing: the full reconcile does it
             new = cp.state if cp.status == "ok" else KernelState()
             data["policies"].update({k: policy_to_json(p) for k, p in cache.new.items()})
-        mine = _entries_of(before, previous.table if previous else None, old_iface) | \
-            _entries_of(before, cp.allocation.table if cp and cp.allocation else None, conn.iface if conn else None)
-        target = KernelState.union([before - mine, new])
+        tables = {a.table for a in (previous, cp.allocation if cp else None) if a}
+        slots = _slots(data["sysctls"], ifaces, KernelState())
+        mine = kernel.read_scope(tables, ifaces, slots)
         if conn is None:
             data["connections"].pop(uuid, None)
             data["allocations"].pop(uuid, None)
             data["outcomes"].pop(uuid, None)
+            held.forget(uuid)
         else:
             data["connections"][uuid] = connection_to_json(conn)
+            held.put_connection(uuid, data["connections"][uuid])
             if cp and cp.allocation:
                 data["allocations"][uuid] = allocation_to_json(cp.allocation)
-        known = dict(data["sysctls"])
+                held.put_allocation(uuid, cp.allocation)
         self.engine._record_originals(kernel, record, new.sysctls)
-        if conn is not None and (cp is None or cp.allocation != previous or data["sysctls"] != known):
-            record.save()  # a new allocation and originals first, as the full reconcile does
+        if conn is not None and (cp is None or cp.allocation != previous or data["sysctls"].changed):
+            record.save(changes_only=True)  # a new allocation and originals first, as the full reconcile does
         try:
             old_conn = [connection_from_json(old)] if old else []
         except (KeyError, TypeError, ValueError):
@@ -161,18 +241,19 @@ class Scoped:
         result.owner = owners_of({c.uuid: c for c in old_conn}, {uuid: previous} if previous else {},
                                  [cp] if cp is not None else [])
         restored: List[str] = []
-        self.engine._add(kernel, record, new - before, result)
-        self.engine._set_marks(kernel, before, target, result)
-        self.engine._remove_stale(kernel, record, before, target, result, restored)
+        self.engine._add(kernel, record, new - mine, result)
+        self.engine._set_marks(kernel, mine, new, result, write=lambda marks: kernel.change_marks(mine.marks, marks))
+        self.engine._remove_stale(kernel, record, mine, new, result, restored, slots=slots)
         if result.changes:
-            self.engine._verify(kernel, record, target)
+            after = _slots(data["sysctls"], ifaces, new)
+            self.engine._verify(kernel, record, new, read=lambda: kernel.read_scope(tables, ifaces, after))
         for key in restored:  # verified: the originals of what was restored are no longer needed
             data["sysctls"].pop(key, None)
         if cp is not None:
             result.plans = [cp]
             record.set_outcome(uuid, {"id": cp.connection.id, "iface": cp.connection.iface, "status": cp.status,
                                       "errors": list(cp.errors)})
-        record.save()
+        record.save(changes_only=True)
         return result
 
 

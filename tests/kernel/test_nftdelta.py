@@ -1,4 +1,5 @@
-"""Element-by-element changes of our nft table end exactly where a fresh build would."""
+"""Element-by-element changes of our nft table end exactly where a fresh build would, committed by
+libnftables or spoken directly (adapters/nftraw.py, the daemon's one-connection path)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ SCRIPT = r'''
 import json, sys
 import nftables
 from nm_policy_routing import nftdelta, nftjson
+from nm_policy_routing.adapters.nftraw import NftBatch
 from nm_policy_routing.model import Mark
 
 nft = nftables.Nftables()
@@ -38,7 +40,9 @@ def canonical(listing):
             items.append(json.dumps({kind: obj}, sort_keys=True))
     return sorted(items)
 
-steps = [[Mark(*m) for m in step] for step in json.load(sys.stdin)]
+raw, steps = json.load(sys.stdin)
+steps = [[Mark(*m) for m in step] for step in steps]
+commit = NftBatch().commit if raw else run
 run(nftjson.replace_table(steps[0], False))
 out = []
 for before, after in zip(steps, steps[1:]):
@@ -46,7 +50,7 @@ for before, after in zip(steps, steps[1:]):
     if change is None:
         run(nftjson.replace_table(after, True))
     elif change["nftables"]:
-        run(change)
+        commit(change)
     by_delta = run(LIST)
     marks, intact = nftjson.parse_table(by_delta)
     run(nftjson.replace_table(after, True))
@@ -67,14 +71,16 @@ STEPS = [
     [("incoming", "eth1", 0x03000000, M)],                                          # one connection gone
     [("incoming", "eth1", 0x03000000, M), ("incoming", "eth9", 0x1, 0xFFFFFFFF)],   # a new mask: replace
     [("incoming", "eth9", 0x1, 0xFFFFFFFF)],
+    [("incoming", "eth9", 0x1, 0xFFFFFFFF), ("outgoing", "eth8", 0x2, 0xFFFFFFFF)],  # a mark without mask
 ]
 
 
-def test_deltas_end_as_a_fresh_build(lab: Lab) -> None:
+@pytest.mark.parametrize("raw", [False, True], ids=["libnftables", "nfnetlink"])
+def test_deltas_end_as_a_fresh_build(lab: Lab, raw: bool) -> None:
     ns = lab.ns("nft")
-    proc = ns.run(PYTHON, "-c", SCRIPT, input=json.dumps(STEPS), check=False)
+    proc = ns.run(PYTHON, "-c", SCRIPT, input=json.dumps([raw, STEPS]), check=False)
     assert proc.returncode == 0, proc.stderr
     steps = json.loads(proc.stdout)
-    assert [s["delta"] for s in steps] == [True, True, True, True, True, False, False]
+    assert [s["delta"] for s in steps] == [True, True, True, True, True, False, False, True]
     for n, step in enumerate(steps, 1):
         assert step["marks_ok"] and step["intact"] and step["same_as_fresh"], (n, step)

@@ -71,7 +71,7 @@ def test_a_damaged_record_is_set_aside_at_the_first_write(tmp_path) -> None:
 class _Dad(_FakeKernel):
     """IPv6 address tentative; nft and sysctls take everything."""
 
-    def unusable_addresses(self):
+    def unusable_addresses(self, iface=None):
         return {"fd00:1::2"}
 
     def set_marks(self, marks):
@@ -100,7 +100,7 @@ def test_a_tentative_address_is_left_out_and_ipv4_applies(tmp_path) -> None:
 class _NoSix(_Dad):
     """The kernel refuses every IPv6 route."""
 
-    def unusable_addresses(self):
+    def unusable_addresses(self, iface=None):
         return set()
 
     def add_route(self, r):

@@ -25,7 +25,7 @@ class _FakeKernel:
     def foreign(self):
         return ForeignUsage()
 
-    def unusable_addresses(self):
+    def unusable_addresses(self, iface=None):
         return set()
 
     def write_sysctl(self, entry):

@@ -44,6 +44,12 @@ class LiveKernel:
             frozenset(self._sockmarks()),
         )
 
+    def read_scope(self, tables: Set[int], ifaces: Set[str], sysctl_slots: Iterable[str]) -> KernelState:
+        """Our entries of one connection: the rules and routes of ``tables``, the rules, marks and
+        sysctls of ``ifaces`` (read whole and picked out here; the daemon's resident kernel reads
+        them by connection)."""
+        return self.read(sysctl_slots).within(tables, ifaces)
+
     # ---- socket marks by cgroup (apps) ------------------------------------
 
     def cgroup_path(self, target: str) -> Optional[str]:
@@ -108,8 +114,8 @@ class LiveKernel:
         return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(marks), tuple(writers),
                             tuple(early))
 
-    def unusable_addresses(self) -> Set[str]:
-        return self.netlink.unusable_addresses()
+    def unusable_addresses(self, iface: Optional[str] = None) -> Set[str]:
+        return self.netlink.unusable_addresses(iface)
 
     def write_sysctl(self, entry: Sysctl) -> None:
         sysctl.write(entry)
@@ -128,6 +134,13 @@ class LiveKernel:
 
     def flush_conntrack(self, mark: Fwmark) -> None:
         nfnetlink.flush_conntrack_mark(mark.value, mark.mask)
+
+    def change_marks(self, before: Iterable[Mark], after: Iterable[Mark]) -> None:
+        """One connection's marks go from ``before`` to ``after`` (the others stay)."""
+        if self._nft_marks is None:
+            self.read(())
+        assert self._nft_marks is not None
+        self.set_marks((self._nft_marks - set(before)) | set(after))
 
     def set_marks(self, marks: Iterable[Mark]) -> None:
         marks = set(marks)

@@ -12,24 +12,30 @@ periodic check runs): that listing forks a child and reads the whole ruleset, th
 most expensive read of an event. Likewise our own table: listing it is O(N) (three
 chains per mark), so the view of it is the last listing or the last committed
 transaction (all or nothing), kept until the watch reports a change to it by anyone
-else, lost notifications, or the periodic check. Sysctl values are remembered as read
+else, lost notifications, or the periodic check; it is indexed by interface and mark
+value, and one connection's change is committed over nfnetlink directly (nftraw.py:
+libnftables would read the whole table first). Sysctl values are remembered as read
 (one file per interface and key), forgotten when a link appears or comes up and at the
 periodic check; a value we write is read back for real. Rules and routes: the last dump,
 kept current by our own acknowledged changes, the routes of each table we change read
 back at the next read (a dump the kernel filters by table), everything dumped again
 when the netlink watch reports a link or address change, someone else's rule or route
-change, lost notifications, or at the periodic check. Used from the daemon's one engine
-thread only.
+change, lost notifications, or at the periodic check; indexed by table (and rules by
+incoming interface), so one connection's entries are read in O(1) (``read_scope``). What
+other owners use (foreign rules' priorities and marks) is kept until someone else changes a
+rule or route. Used from the daemon's one engine thread only.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-from typing import Any, Dict, FrozenSet, Iterable, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Optional, Set, Tuple
 
-from ..model import RT_PROTO, Fwmark, Mark, Route, Rule, Sysctl
-from . import nfnetlink, sysctl
+from .. import nftdelta
+from ..errors import KernelError
+from ..model import RT_PROTO, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
+from . import nfnetlink, nftraw, sysctl
 from .kernel import LiveKernel
 from .rtnl import NLM_F_CREATE, NLM_F_EXCL, RTM_DELRULE, RTM_NEWRULE, Rtnl, rule_message
 from .nftables import Nftables
@@ -40,7 +46,7 @@ class _RememberingNftables(Nftables):
         super().__init__()
         self.remembered: Optional[tuple] = None
         #: our table's marks as last listed or committed; None: list it again
-        self.view: Optional[FrozenSet[Mark]] = None
+        self.view: Optional[nftdelta.MarkIndex] = None
 
     def foreign(self):
         """(marks, writers, early reverse-path filters) of the other nft tables, as last listed."""
@@ -49,53 +55,93 @@ class _RememberingNftables(Nftables):
             found = self.remembered = super().foreign()
         return tuple(list(part) for part in found)
 
+    def index(self) -> Optional[nftdelta.MarkIndex]:
+        """The view of our table (listed when there is none); None when the table is not as written."""
+        if self.view is None:
+            marks, intact, _ = super().our_marks()
+            self.view = nftdelta.MarkIndex(marks) if intact else None
+        return self.view
+
     def our_marks(self) -> Tuple[Set[Mark], bool, bool]:
         view = self.view
         if view is not None:
-            return set(view), True, bool(view)
+            return set(view.marks), True, bool(view.marks)
         marks, intact, exists = super().our_marks()
-        self.view = frozenset(marks) if intact else None
+        self.view = nftdelta.MarkIndex(marks) if intact else None
         return marks, intact, exists
 
     def replace(self, marks: Iterable[Mark], exists: bool) -> None:
         marks = frozenset(marks)
         self.view = None
         super().replace(marks, exists)
-        self.view = marks
+        self.view = nftdelta.MarkIndex(marks)
 
     def change(self, cmd: Dict[str, Any]) -> None:
-        self.view = None  # set again by the caller's next listing or replace
+        view, self.view = self.view, None  # set again by the caller once committed
         super().change(cmd)
+        self.view = view
 
 
 class _RememberingRtnl(Rtnl):
     """Our rules (with the foreign ones) and routes as last read, kept current by our own
-    acknowledged changes; the routes of a table we changed are read back (a dump the kernel
-    filters by table: O(1)) at the next read."""
+    acknowledged changes and indexed by table (and rules by incoming interface); the routes
+    of a table we changed are read back (a dump the kernel filters by table: O(1)) at the
+    next read. What others use (foreign_usage) is kept until someone else changes a rule or
+    a route."""
 
     def __init__(self) -> None:
         super().__init__()
         self.forget_rules = False
         self.forget_routes = False
-        self._routes_view: Optional[Set[Route]] = None
+        self._routes_by_table: Optional[Dict[int, Set[Route]]] = None
         self._touched: Set[int] = set()
+        self._rules_by: Optional[Dict[Tuple[str, Any], Set[Rule]]] = None
+        self._foreign: Optional[ForeignUsage] = None
 
     def invalidate(self) -> None:
         if self.forget_rules:
             self.forget_rules = False
             self._rule_dump.clear()
+            self._rules_by = None
+            self._foreign = None
+
+    def _rule_index(self) -> Dict[Tuple[str, Any], Set[Rule]]:
+        """("table", T) / ("iif", IFACE) / ("all", None) -> our rules."""
+        if self._rules_by is None:
+            self._rules_by = {("all", None): set()}
+            for rule in super().our_rules():
+                self._index_rule(rule, True)
+        return self._rules_by
+
+    def _index_rule(self, rule: Rule, present: bool) -> None:
+        index = self._rules_by
+        if index is None:
+            return
+        for key in (("all", None), ("table", rule.table), ("iif", rule.iif)):
+            entries = index.setdefault(key, set())
+            entries.add(rule) if present else entries.discard(rule)
+
+    def our_rules(self) -> Set[Rule]:
+        return set(self._rule_index()[("all", None)])
+
+    def our_rules_of(self, tables: Iterable[int], ifaces: Iterable[str]) -> Set[Rule]:
+        index = self._rule_index()
+        keys = [("table", t) for t in tables] + [("iif", i) for i in ifaces]
+        return {rule for key in keys for rule in index.get(key, ())}
+
+    def foreign_usage(self) -> ForeignUsage:
+        self.invalidate()
+        if self._foreign is None:
+            self._foreign = super().foreign_usage()
+        return self._foreign
 
     def add_rule(self, rule: Rule) -> None:
         self.request(f"add {rule}", RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_message(rule), ok=(errno.EEXIST,))
-        dump = self._rule_dump.get(rule.family)
-        if dump is not None and (rule, RT_PROTO) not in dump:
-            dump.append((rule, RT_PROTO))
+        self._index_rule(rule, True)
 
     def del_rule(self, rule: Rule) -> None:
         self.request(f"delete {rule}", RTM_DELRULE, 0, rule_message(rule), ok=(errno.ENOENT,))
-        dump = self._rule_dump.get(rule.family)
-        if dump is not None:
-            dump[:] = [entry for entry in dump if entry != (rule, RT_PROTO)]
+        self._index_rule(rule, False)
 
     def add_route(self, route: Route) -> None:
         self._touched.add(route.table)
@@ -105,19 +151,32 @@ class _RememberingRtnl(Rtnl):
         self._touched.add(route.table)
         super().del_route(route)
 
-    def our_routes(self) -> Set[Route]:
-        if self.forget_routes or self._routes_view is None:
+    def _route_index(self) -> Dict[int, Set[Route]]:
+        if self.forget_routes or self._routes_by_table is None:
             self.forget_routes = False
+            self._foreign = None  # (its tables holding foreign routes are asked lazily and kept)
             self._touched = set()
-            self._routes_view = super().our_routes()
+            index: Dict[int, Set[Route]] = {}
+            for route in super().our_routes():
+                index.setdefault(route.table, set()).add(route)
+            self._routes_by_table = index
         elif self._touched:
             tables, self._touched = self._touched, set()
-            view = {r for r in self._routes_view if r.table not in tables}
             for table in sorted(tables):
-                for family in (4, 6):
-                    view.update(r for r, proto in self._routes(family, table=table) if proto == RT_PROTO)
-            self._routes_view = view
-        return set(self._routes_view)
+                routes = {r for family in (4, 6) for r, proto in self._routes(family, table=table)
+                          if proto == RT_PROTO}
+                if routes:
+                    self._routes_by_table[table] = routes
+                else:
+                    self._routes_by_table.pop(table, None)
+        return self._routes_by_table
+
+    def our_routes(self) -> Set[Route]:
+        return {route for routes in self._route_index().values() for route in routes}
+
+    def our_routes_of(self, tables: Iterable[int]) -> Set[Route]:
+        index = self._route_index()
+        return {route for table in tables for route in index.get(table, ())}
 
 
 class ResidentKernel(LiveKernel):
@@ -131,6 +190,15 @@ class ResidentKernel(LiveKernel):
         #: sysctl values as last read (a value we write is read again, for the verify)
         self._sysctls: Dict[Tuple[str, str, str], int] = {}
         self._conntrack = nfnetlink.conntrack_socket()
+        self._nftraw = nftraw.NftBatch()
+
+    def _commit(self, change: Dict[str, Any]) -> None:
+        """One element-by-element transaction: spoken directly (libnftables would read the whole
+        table first), or by libnftables when it holds a shape nftraw does not encode."""
+        try:
+            self._nftraw.commit(change)
+        except nftraw.Unsupported:
+            self.nft.change(change)
 
     def flush_conntrack(self, mark: Fwmark) -> None:
         nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
@@ -165,11 +233,48 @@ class ResidentKernel(LiveKernel):
         self._paths = {}  # cgroup paths are asked once per reconcile (a unit may start meanwhile)
         return super().read(sysctl_slots)
 
+    def read_scope(self, tables: Set[int], ifaces: Set[str], sysctl_slots: Iterable[str]) -> KernelState:
+        """Our entries of one connection, from the views (O(1) in the number of connections)."""
+        self.netlink.invalidate()
+        view = self.nft.index()
+        self.nft_intact = view is not None
+        self.nft_exists = bool(view.marks) if view is not None else True
+        return KernelState(
+            frozenset(self.netlink.our_rules_of(tables, ifaces)),
+            frozenset(self.netlink.our_routes_of(tables)),
+            frozenset(view.on(ifaces) if view is not None else ()),
+            frozenset(self.read_sysctls(sysctl_slots)),
+        )
+
+    def change_marks(self, before: Iterable[Mark], after: Iterable[Mark]) -> None:
+        """One connection's marks go from ``before`` to ``after``: a transaction of the entries of
+        the mark values concerned (the table whole when its skeleton changes or it is not as
+        written)."""
+        view = self.nft.index()
+        if view is None:
+            return super().change_marks(before, after)
+        now, later, kept = view.change(set(before), set(after))
+        change = nftdelta.delta(now, later, skeleton_kept=kept)
+        if change is None:
+            self._nft_marks = set(view.marks)
+            return self.set_marks((view.marks - now) | later)
+        if change["nftables"]:
+            try:
+                self._commit(change)
+            except (KernelError, OSError):  # the table changed under us: write it whole
+                marks = (view.marks - now) | later
+                self.nft.replace(marks, True)
+                self._nft_marks = set(marks)
+                return
+        view.apply(now, later)
+        self.nft_exists, self.nft_intact = bool(view.marks), True
+
     def close(self) -> None:
         """Kept open for the next event (see :meth:`shutdown`)."""
 
     def shutdown(self) -> None:
         self._conntrack.close()
+        self._nftraw.close()
         super().close()
 
     def forget_foreign(self) -> None:
@@ -183,7 +288,7 @@ class ResidentKernel(LiveKernel):
     def set_marks(self, marks: Iterable[Mark]) -> None:
         marks = frozenset(marks)
         super().set_marks(marks)
-        self.nft.view = marks  # committed in one transaction; a change by anyone else is notified
+        self.nft.view = nftdelta.MarkIndex(marks)  # committed in one transaction; a change by anyone else is notified
 
 
 class Resident:

@@ -320,14 +320,20 @@ class Rtnl:
                     out.setdefault(family, route.gateway)
         return out
 
-    def unusable_addresses(self) -> Set[str]:
+    def unusable_addresses(self, iface: Optional[str] = None) -> Set[str]:
         """Addresses the kernel will not take as a route's source yet or at all: tentative
-        (duplicate address detection running) or failed DAD."""
-        out = set()
+        (duplicate address detection running) or failed DAD; of ``iface`` alone when given (a
+        dump the kernel filters by interface)."""
+        out: Set[str] = set()
+        index = _ifindex(iface) if iface else 0
+        if index is None:
+            return out
         for family in (4, 6):
-            for kind, payload in self.dump(RTM_GETADDR, struct.pack("=BBBBI", AF[family], 0, 0, 0, 0)):
+            for kind, payload in self.dump(RTM_GETADDR, struct.pack("=BBBBI", AF[family], 0, 0, 0, index)):
                 if kind != RTM_NEWADDR or len(payload) < 8:
                     continue
+                if index and struct.unpack_from("=I", payload, 4)[0] != index:
+                    continue  # without strict checking the kernel does not filter
                 attrs = _attrs(payload, 8)
                 flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] if IFA_FLAGS in attrs else payload[2]
                 raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)

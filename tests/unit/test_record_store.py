@@ -1,0 +1,110 @@
+"""The record on disk: 0.2.0's single state.json is read as it is, one connection's changes are
+saved as files of their own (state.d/) that loading applies, a full save folds them into
+state.json, and files that name another state.json (an older process wrote it whole) are
+ignored and removed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nm_policy_routing.model import Allocation, Fwmark
+from nm_policy_routing.record import Record, allocation_to_json, damage
+from nm_policy_routing.recordfiles import OVERLAYS, generation
+
+SVC = "5e1f0000-0000-4000-8000-0000000000b1"
+NEW = "5e1f0000-0000-4000-8000-0000000000c2"
+#: written by 0.2.0's record.py (a service connection applied, its originals and outcome)
+STATE_020 = (
+    '{"allocations":{"5e1f0000-0000-4000-8000-0000000000b1":{"fwmark":[503316480,4278190080],"priority":14103,'
+    '"table":14198}},"connections":{"5e1f0000-0000-4000-8000-0000000000b1":{"addresses":["10.0.1.2/24",'
+    '"fd00:1::2/64"],"gateway4":"10.0.1.1","gateway6":"fd00:1::1","id":"service","iface":"eth1","type":"",'
+    '"user_data":{"nm-policy-routing.enable":"yes","nm-policy-routing.rp-filter":"loose"},'
+    '"uuid":"5e1f0000-0000-4000-8000-0000000000b1"}},"outcomes":{"5e1f0000-0000-4000-8000-0000000000b1":'
+    '{"errors":[],"id":"service","iface":"eth1","status":"ok","time":1764300000.0}},"policies":'
+    '{"b55b195b53b95214ac58b7211c07e823":{"apps":[],"enable":true,"family":"both","fwmark":null,'
+    '"match":["incoming"],"priority":null,"routes":[],"rp_filter":"loose","src_valid_mark":true,"table":null}},'
+    '"sysctls":{"ipv4/eth1/rp_filter":1,"ipv4/eth1/src_valid_mark":0},"version":1}'
+)
+ALLOC = Allocation(14300, 14400, Fwmark(0x1d000000, 0xFF000000))
+
+
+def _overlays(tmp_path) -> list:
+    folder = tmp_path / OVERLAYS
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def _one_event(tmp_path) -> Record:
+    """What the daemon's one-connection path does: a new connection, its allocation and originals,
+    another's sysctl original restored."""
+    (tmp_path / "state.json").write_text(STATE_020)
+    record = Record.load(str(tmp_path))
+    assert record.damaged is None and SVC in record.connections(), "0.2.0's record is read as it is"
+    record.data["connections"][NEW] = dict(record.data["connections"][SVC], uuid=NEW, id="new", iface="eth2")
+    record.data["allocations"][NEW] = allocation_to_json(ALLOC)
+    record.data["sysctls"]["ipv4/eth2/src_valid_mark"] = 0
+    record.data["sysctls"].pop("ipv4/eth1/rp_filter")
+    record.save(changes_only=True)
+    return record
+
+
+def test_a_020_record_takes_one_connections_changes_in_files_of_their_own(tmp_path) -> None:
+    count = generation(str(tmp_path))
+    _one_event(tmp_path)
+    assert (tmp_path / "state.json").read_text() == STATE_020, "state.json is not rewritten per event"
+    assert _overlays(tmp_path) == ["allocations." + NEW, "connections." + NEW, "sysctls.ipv4%2Feth1%2Frp_filter",
+                                   "sysctls.ipv4%2Feth2%2Fsrc_valid_mark"]
+    assert generation(str(tmp_path)) == count + 1, "another process keeping the record sees the save"
+    again = Record.load(str(tmp_path))
+    assert again.damaged is None
+    assert again.allocations() == {SVC: Allocation(14198, 14103, Fwmark(503316480, 4278190080)), NEW: ALLOC}
+    assert again.connections()[NEW].iface == "eth2" and again.connections()[SVC].iface == "eth1"
+    assert again.sysctl_originals() == {"ipv4/eth1/src_valid_mark": 0, "ipv4/eth2/src_valid_mark": 0}
+    assert damage(json.loads((tmp_path / "state.json").read_text())) is None, "the base alone stays valid"
+
+
+def test_a_full_save_folds_the_files_into_state_json(tmp_path) -> None:
+    _one_event(tmp_path)
+    record = Record.load(str(tmp_path))
+    record.data["outcomes"].pop(SVC)
+    record.save()
+    assert _overlays(tmp_path) == [], "nothing is left beside state.json"
+    whole = json.loads((tmp_path / "state.json").read_text())
+    assert damage(whole) is None and set(whole["connections"]) == {SVC, NEW} and whole["outcomes"] == {}
+    assert Record.load(str(tmp_path)).data == record.data
+
+
+def test_files_naming_another_state_json_are_ignored_and_removed(tmp_path) -> None:
+    _one_event(tmp_path)
+    # an older process (0.2.0, during an upgrade) writes state.json whole from what it read
+    older = json.loads(STATE_020)
+    older["outcomes"][SVC]["status"] = "error"
+    tmp = tmp_path / ".older"
+    tmp.write_text(json.dumps(older))
+    os.replace(tmp, tmp_path / "state.json")
+    record = Record.load(str(tmp_path))
+    assert record.damaged is None and set(record.connections()) == {SVC}, "its state.json wins"
+    assert record.data["outcomes"][SVC]["status"] == "error"
+    record.data["outcomes"][SVC] = dict(record.data["outcomes"][SVC], status="ok")
+    record.save(changes_only=True)
+    assert _overlays(tmp_path) == ["outcomes." + SVC], "the stale files are gone"
+    assert Record.load(str(tmp_path)).data["outcomes"][SVC]["status"] == "ok"
+
+
+def test_a_damaged_entry_file_sets_the_whole_record_aside(tmp_path) -> None:
+    _one_event(tmp_path)
+    (tmp_path / OVERLAYS / ("allocations." + NEW)).write_text("{not json")
+    record = Record.load(str(tmp_path))
+    assert record.damaged and "unreadable" in record.damaged and record.connections() == {}
+    bad = json.loads(STATE_020)
+    bad_entry = {"section": "allocations", "key": NEW, "value": {"table": 254, "priority": 1}}
+    record.save()
+    assert sorted(p.name.split(".damaged-")[0] for p in tmp_path.glob("*.damaged-*")) == ["state.d", "state.json"]
+    assert _overlays(tmp_path) == [] and Record.load(str(tmp_path)).damaged is None
+    # an entry file of the right shape holding a wrong value is damage too
+    (tmp_path / "state.json").write_text(json.dumps(bad))
+    st = os.stat(tmp_path / "state.json")
+    bad_entry["base"] = [st.st_ino, st.st_size, st.st_mtime_ns]
+    os.makedirs(tmp_path / OVERLAYS, exist_ok=True)
+    (tmp_path / OVERLAYS / ("allocations." + NEW)).write_text(json.dumps(bad_entry))
+    assert "allocations" in Record.load(str(tmp_path)).damaged
