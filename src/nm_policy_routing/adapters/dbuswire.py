@@ -1,0 +1,478 @@
+"""A small synchronous D-Bus client for the standalone dispatcher hook (no asyncio, no dbus-next).
+
+A unix socket to the system bus (``DBUS_SYSTEM_BUS_ADDRESS`` as dbus-next reads it, else
+the standard path), AUTH EXTERNAL, Hello, then method calls: the calls of one step go out
+together and their replies are matched by serial. The wire format both ways: basic types,
+object paths, signatures, arrays, dicts, structs and variants, little- and big-endian
+input. Values come out plain, as networkmanager.py's ``_plain`` gives them: a variant as
+its value, a struct as a list, ``ay`` as bytes. Every call has a deadline: whatever does
+not answer in time yields a NetworkManagerError naming the call. Imports only C modules
+of the standard library besides ours: the hook pays for no more.
+"""
+
+from __future__ import annotations
+
+import os
+import _socket
+from struct import error as _StructError
+from struct import pack, pack_into, unpack_from
+from time import monotonic
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from ..errors import NetworkManagerError
+from . import nmfacts
+
+DEFAULT_ADDRESS = "unix:path=/var/run/dbus/system_bus_socket"
+METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4
+#: header fields
+PATH, INTERFACE, MEMBER, ERROR_NAME, REPLY_SERIAL, DESTINATION, SENDER, SIGNATURE = range(1, 9)
+MAX_MESSAGE = 1 << 27  # the specification's limit
+
+_ALIGN = {"y": 1, "b": 4, "n": 2, "q": 2, "i": 4, "u": 4, "x": 8, "t": 8, "d": 8, "h": 4,
+          "s": 4, "o": 4, "g": 1, "a": 4, "(": 8, "{": 8, "v": 1}
+_FIXED = {"y": "B", "b": "I", "n": "h", "q": "H", "i": "i", "u": "I", "x": "q", "t": "Q", "d": "d", "h": "I"}
+_SIZE = {"B": 1, "h": 2, "H": 2, "i": 4, "I": 4, "q": 8, "Q": 8, "d": 8}
+_ENDIAN = {ord("l"): "<", ord("B"): ">"}
+_FIELD_TYPES = {PATH: "o", INTERFACE: "s", MEMBER: "s", ERROR_NAME: "s", REPLY_SERIAL: "u",
+                DESTINATION: "s", SENDER: "s", SIGNATURE: "g"}
+_TIMEOUT = (TimeoutError, getattr(_socket, "timeout", TimeoutError))
+
+
+class Malformed(ValueError):
+    """Bytes that are not a D-Bus message (truncated, or not what the signature says)."""
+
+
+class Variant(NamedTuple):
+    """A value to marshal as a variant: its signature (one complete type) and the value."""
+
+    signature: str
+    value: Any
+
+
+class Message(NamedTuple):
+    type: int
+    flags: int
+    serial: int
+    fields: Dict[int, Any]
+    body: List[Any]
+
+
+# ---- signatures ------------------------------------------------------------------------
+
+_SPLIT: Dict[str, List[str]] = {}
+
+
+def _end(sig: str, i: int) -> int:
+    """The end of the one complete type starting at ``sig[i]``."""
+    c = sig[i]
+    if c == "a":
+        return _end(sig, i + 1)
+    if c in "({":
+        close, i = ")" if c == "(" else "}", i + 1
+        while sig[i] != close:
+            i = _end(sig, i)
+        return i + 1
+    if c in _ALIGN and c not in ")}":
+        return i + 1
+    raise Malformed(f"not a D-Bus type: {c!r} in signature {sig!r}")
+
+
+def split(sig: str) -> List[str]:
+    """A signature -> its complete types: ``"sa{sv}i"`` -> ``["s", "a{sv}", "i"]``."""
+    types = _SPLIT.get(sig)
+    if types is None:
+        types, i = [], 0
+        try:
+            while i < len(sig):
+                end = _end(sig, i)
+                types.append(sig[i:end])
+                i = end
+        except (IndexError, RecursionError):
+            raise Malformed(f"incomplete D-Bus signature {sig!r}") from None
+        _SPLIT[sig] = types
+    return types
+
+
+# ---- marshalling -----------------------------------------------------------------------
+
+
+class _Writer:
+    def __init__(self, endian: str, buf: Optional[bytearray] = None) -> None:
+        self.e, self.buf = endian, buf if buf is not None else bytearray()
+
+    def pad(self, n: int) -> None:
+        self.buf += bytes(-len(self.buf) % n)
+
+    def write(self, t: str, value: Any) -> None:
+        c = t[0]
+        if c in _FIXED:
+            self.pad(_ALIGN[c])
+            self.buf += pack(self.e + _FIXED[c], int(value) if c == "b" else value)
+        elif c in "so":
+            data = value.encode()
+            self.pad(4)
+            self.buf += pack(self.e + "I", len(data)) + data + b"\0"
+        elif c == "g":
+            data = value.encode()
+            self.buf += bytes((len(data),)) + data + b"\0"
+        elif c == "v":
+            signature, inner = value
+            if len(split(signature)) != 1:
+                raise Malformed(f"a variant holds one complete type, not {signature!r}")
+            self.write("g", signature)
+            self.write(signature, inner)
+        elif c == "a":
+            self._array(t[1:], value)
+        else:  # a struct or a dict entry
+            self.pad(8)
+            for sub, item in zip(split(t[1:-1]), value):
+                self.write(sub, item)
+
+    def _array(self, elem: str, value: Any) -> None:
+        self.pad(4)
+        at = len(self.buf)
+        self.buf += bytes(4)
+        self.pad(_ALIGN[elem[0]])
+        start = len(self.buf)
+        if elem == "y":
+            self.buf += bytes(value)
+        else:
+            for item in (value.items() if elem[0] == "{" else value):
+                self.write(elem, item)
+        pack_into(self.e + "I", self.buf, at, len(self.buf) - start)
+
+
+def marshal(signature: str, values: Sequence[Any], endian: str = "<") -> bytes:
+    """A message body: ``values`` as ``signature`` says (variants as :class:`Variant`)."""
+    types = split(signature)
+    if len(types) != len(values):
+        raise Malformed(f"signature {signature!r} has {len(types)} types for {len(values)} values")
+    writer = _Writer(endian)
+    for t, value in zip(types, values):
+        writer.write(t, value)
+    return bytes(writer.buf)
+
+
+def method_call(serial: int, destination: str, path: str, interface: str, member: str,
+                signature: str = "", body: Sequence[Any] = (), endian: str = "<") -> bytes:
+    data = marshal(signature, body, endian)
+    fields = [(PATH, Variant("o", path)), (INTERFACE, Variant("s", interface)), (MEMBER, Variant("s", member)),
+              (DESTINATION, Variant("s", destination))]
+    if signature:
+        fields.append((SIGNATURE, Variant("g", signature)))
+    writer = _Writer(endian, bytearray(b"l" if endian == "<" else b"B") + pack(endian + "BBBII", METHOD_CALL, 0, 1,
+                                                                                   len(data), serial))
+    writer.write("a(yv)", fields)
+    writer.pad(8)
+    return bytes(writer.buf) + data
+
+
+# ---- unmarshalling ---------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads from ``data`` at ``pos``; alignment counts from the message's first byte (0)."""
+
+    def __init__(self, data: bytes, pos: int, endian: str) -> None:
+        self.data, self.pos, self.e = data, pos, endian
+
+    def _take(self, n: int) -> int:
+        at = self.pos
+        if at + n > len(self.data):
+            raise Malformed(f"truncated: {at + n - len(self.data)} bytes missing at offset {at}")
+        self.pos = at + n
+        return at
+
+    def align(self, n: int) -> None:
+        self._take(-self.pos % n)
+
+    def _fixed(self, fmt: str) -> Any:
+        size = _SIZE[fmt]
+        self.align(size)
+        return unpack_from(self.e + fmt, self.data, self._take(size))[0]
+
+    def _text(self, n: int) -> str:
+        at = self._take(n + 1)
+        if self.data[at + n] != 0:
+            raise Malformed(f"a string at offset {at} does not end with NUL")
+        return bytes(self.data[at:at + n]).decode()
+
+    def read(self, t: str) -> Any:
+        c = t[0]
+        if c in _FIXED:
+            value = self._fixed(_FIXED[c])
+            return bool(value) if c == "b" else value
+        if c in "so":
+            return self._text(self._fixed("I"))
+        if c == "g":
+            return self._text(self.data[self._take(1)])
+        if c == "v":
+            signature = self.read("g")
+            if len(split(signature)) != 1:
+                raise Malformed(f"a variant with signature {signature!r}")
+            return self.read(signature)
+        if c == "a":
+            return self._array(t[1:])
+        self.align(8)  # a struct (a list) or a dict entry
+        return [self.read(sub) for sub in split(t[1:-1])]
+
+    def _array(self, elem: str) -> Any:
+        length = self._fixed("I")
+        self.align(_ALIGN[elem[0]])
+        end = self.pos + length
+        if end > len(self.data):
+            raise Malformed(f"truncated: an array of {length} bytes at offset {self.pos}")
+        if elem == "y":
+            return bytes(self.data[self._take(length):end])
+        if elem[0] == "{":
+            key, value = split(elem[1:-1])
+            out: Any = {}
+            while self.pos < end:
+                self.align(8)
+                k = self.read(key)
+                out[k] = self.read(value)
+        else:
+            out = []
+            while self.pos < end:
+                out.append(self.read(elem))
+        if self.pos != end:
+            raise Malformed(f"an array's elements overrun its length at offset {end}")
+        return out
+
+
+def _body(reader: _Reader, signature: str) -> List[Any]:
+    try:
+        return [reader.read(t) for t in split(signature)]
+    except (_StructError, IndexError, UnicodeDecodeError, RecursionError) as exc:
+        raise Malformed(str(exc)) from None
+
+
+def unmarshal(signature: str, data: bytes, endian: str = "<") -> List[Any]:
+    """A message body (8-aligned in its message, as every body is) -> plain values."""
+    reader = _Reader(data, 0, endian)
+    values = _body(reader, signature)
+    if reader.pos != len(data):
+        raise Malformed(f"{len(data) - reader.pos} bytes left after signature {signature!r}")
+    return values
+
+
+def message_length(data: bytes) -> Optional[int]:
+    """The length of the message ``data`` starts with, once its first 16 bytes are there."""
+    if len(data) < 16:
+        return None
+    endian = _ENDIAN.get(data[0])
+    if endian is None or data[3] != 1:
+        raise Malformed(f"not a D-Bus message (endianness {data[0]!r}, version {data[3]})")
+    body, fields = unpack_from(endian + "I", data, 4)[0], unpack_from(endian + "I", data, 12)[0]
+    total = 16 + fields + (-fields % 8) + body
+    if total > MAX_MESSAGE:
+        raise Malformed(f"a message of {total} bytes")
+    return total
+
+
+def parse(data: bytes) -> Message:
+    """One whole message -> its type, flags, serial, header fields and body (plain values)."""
+    total = message_length(data)
+    if total is None or total > len(data):
+        raise Malformed(f"truncated: a message of {len(data)} bytes, its header says {total or 16}")
+    endian = _ENDIAN[data[0]]
+    kind, flags, _ = data[1], data[2], data[3]
+    body_length, serial = unpack_from(endian + "II", data, 4)
+    reader = _Reader(data, 12, endian)
+    fields = {code: value for code, value in _body(reader, "a(yv)")[0]}
+    for code, t in _FIELD_TYPES.items():
+        if code in fields and not _typed(fields[code], t):
+            raise Malformed(f"header field {code} is not of type {t!r}")
+    reader.align(8)
+    body_start = reader.pos
+    reader.data = data[:body_start + body_length]
+    body = _body(reader, fields.get(SIGNATURE, ""))
+    if reader.pos != body_start + body_length:
+        raise Malformed(f"{body_start + body_length - reader.pos} bytes left after the body")
+    return Message(kind, flags, serial, fields, body)
+
+
+def _typed(value: Any, t: str) -> bool:
+    return isinstance(value, int) if t == "u" else isinstance(value, str)
+
+
+# ---- the bus ---------------------------------------------------------------------------
+
+
+def addresses(text: str) -> List[str]:
+    """``unix:path=/x;unix:abstract=y,guid=...`` -> socket addresses to try, in order."""
+    out = []
+    for entry in text.split(";"):
+        transport, _, params = entry.partition(":")
+        keys = dict(p.partition("=")[::2] for p in params.split(",") if p)
+        if transport != "unix":
+            continue
+        if "path" in keys:
+            out.append(_unescape(keys["path"]))
+        elif "abstract" in keys:
+            out.append("\0" + _unescape(keys["abstract"]))
+    return out
+
+
+def _unescape(text: str) -> str:
+    parts = text.split("%")
+    return parts[0] + "".join(chr(int(p[:2], 16)) + p[2:] for p in parts[1:])
+
+
+Call = Tuple[str, str, str, str, str, Sequence[Any]]  # destination, path, interface, member, signature, body
+
+
+class WireBus:
+    """A connection to the system bus; ``calls`` sends method calls together."""
+
+    def __init__(self) -> None:
+        self.sock: Any = None
+        self.serial = 0
+        self.buf = bytearray()
+
+    def connect(self, timeout: float = nmfacts.CONNECT_TIMEOUT, address: Optional[str] = None) -> "WireBus":
+        text = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or DEFAULT_ADDRESS
+        deadline, error = monotonic() + timeout, None
+        for where in addresses(text):
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(where)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            self.sock = sock
+            break
+        if self.sock is None:
+            raise nmfacts.unreachable(error or f"no unix socket in the address {text!r}")
+        try:
+            self._hello(deadline, timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _hello(self, deadline: float, timeout: float) -> None:
+        """AUTH EXTERNAL, BEGIN and Hello in one write (as sd-bus does): one round trip."""
+        self.serial += 1
+        uid = str(os.geteuid()).encode().hex().encode()
+        hello = method_call(self.serial, nmfacts.DBUS, "/org/freedesktop/DBus", nmfacts.DBUS, "Hello")
+        try:
+            self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n" + hello)
+            while b"\r\n" not in self.buf:
+                self._fill(deadline)
+        except _TIMEOUT:
+            raise nmfacts.bus_silent(timeout) from None
+        except (OSError, EOFError) as exc:
+            raise nmfacts.unreachable(exc or "it closed the connection") from None
+        line, _, rest = bytes(self.buf).partition(b"\r\n")
+        self.buf = bytearray(rest)
+        if not line.startswith(b"OK "):
+            raise nmfacts.unreachable(f"it refused to authenticate us: {line.decode(errors='replace')!r}")
+        self._wait({self.serial: (nmfacts.DBUS, "/org/freedesktop/DBus", "Hello")}, deadline, timeout)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> "WireBus":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise EOFError("the bus closed the connection")
+        self.buf += data
+
+    def calls(self, calls: Sequence[Call], timeout: float = nmfacts.CALL_TIMEOUT) -> List[Any]:
+        """Send ``calls`` together; per call its reply's body (a list), or the exception of its
+        error reply (nmfacts.error_reply). NetworkManagerError if a reply does not come in time."""
+        if self.sock is None:
+            raise NetworkManagerError("the connection to the D-Bus system bus is closed")
+        wanted, out = {}, bytearray()
+        for destination, path, interface, member, signature, body in calls:
+            self.serial += 1
+            wanted[self.serial] = (destination, path, member)
+            out += method_call(self.serial, destination, path, interface, member, signature, body)
+        first = next(iter(wanted.values()), None)
+        try:
+            self.sock.sendall(out)
+        except OSError as exc:
+            raise NetworkManagerError(f"the D-Bus system bus connection broke during {first[2]} on {first[1]} "
+                                      f"({exc})") from None
+        replies = self._wait(dict(wanted), monotonic() + timeout, timeout)
+        return [replies[serial] for serial in wanted]
+
+    def _wait(self, wanted: Dict[int, Tuple[str, str, str]], deadline: float, timeout: float) -> Dict[int, Any]:
+        """The replies to the serials in ``wanted`` (others, and signals, are dropped)."""
+        replies: Dict[int, Any] = {}
+        while wanted:
+            serial = next(iter(wanted))
+            destination, path, member = wanted[serial]
+            try:
+                message = self._next(deadline)
+            except _TIMEOUT:
+                raise nmfacts.no_answer(destination, member, path, timeout) from None
+            except (OSError, EOFError) as exc:
+                raise NetworkManagerError(f"the D-Bus system bus went away during {member} on {path} "
+                                          f"({exc})") from None
+            except Malformed as exc:
+                self.close()  # the stream cannot be trusted past it
+                raise NetworkManagerError(f"a malformed message from the D-Bus system bus while waiting for "
+                                          f"{member} on {path}: {exc}") from None
+            answered = message.fields.get(REPLY_SERIAL)
+            if message.type not in (METHOD_RETURN, ERROR) or answered not in wanted:
+                continue
+            destination, path, member = wanted.pop(answered)
+            if message.type == ERROR:
+                name = message.fields.get(ERROR_NAME, "")
+                text = message.body[0] if message.body and isinstance(message.body[0], str) else name
+                replies[answered] = nmfacts.error_reply(member, path, name, text)
+            else:
+                replies[answered] = message.body
+        return replies
+
+    def _next(self, deadline: float) -> Message:
+        while True:
+            total = message_length(self.buf)
+            if total is not None and len(self.buf) >= total:
+                data = bytes(self.buf[:total])
+                del self.buf[:total]
+                return parse(data)
+            self._fill(deadline)
+
+    def drive(self, steps: nmfacts.Steps, timeout: float = nmfacts.CALL_TIMEOUT) -> Any:
+        """Answer the requests of nmfacts' steps, each step's requests sent together."""
+        answers: Optional[List[Any]] = None
+        while True:
+            try:
+                requests = steps.send(answers)
+            except StopIteration as done:
+                return done.value
+            calls = [(nmfacts.NM, *nmfacts.call_of(request)) for request in requests]
+            answers = [self._answer(call, reply) for call, reply in zip(calls, self.calls(calls, timeout))]
+
+    @staticmethod
+    def _answer(call: Call, reply: Any) -> Any:
+        if isinstance(reply, NetworkManagerError):
+            return reply
+        if isinstance(reply, Exception):
+            raise reply  # NotPermittedError: not a fact about the connection
+        if not reply or not isinstance(reply[0], dict):
+            raise NetworkManagerError(f"NetworkManager answered {call[3]} on {call[1]} with {reply!r}, not a dict")
+        return reply[0]
+
+
+def drive(steps: nmfacts.Steps, timeout: float = nmfacts.CALL_TIMEOUT) -> Any:
+    """Connect to the system bus, answer ``steps``, close: the hook's one use of the bus."""
+    with WireBus().connect() as bus:
+        return bus.drive(steps, timeout)
