@@ -62,17 +62,22 @@ class Message(NamedTuple):
 _SPLIT: Dict[str, List[str]] = {}
 
 
-def _end(sig: str, i: int) -> int:
-    """The end of the one complete type starting at ``sig[i]``."""
+def _end(sig: str, i: int, element: bool = False) -> int:
+    """The end of the one complete type starting at ``sig[i]`` (``element``: an array's)."""
     c = sig[i]
     if c == "a":
-        return _end(sig, i + 1)
-    if c in "({":
-        close, i = ")" if c == "(" else "}", i + 1
+        return _end(sig, i + 1, element=True)
+    if c == "(" or (c == "{" and element):
+        close, start, i, count = ")" if c == "(" else "}", i, i + 1, 0
         while sig[i] != close:
-            i = _end(sig, i)
-        return i + 1
-    if c in _ALIGN and c not in ")}":
+            if c == "{" and count == 0 and sig[i] in "av({":
+                break  # a dict's key is a basic type
+            i, count = _end(sig, i), count + 1
+        else:
+            if count and (c == "(" or count == 2):
+                return i + 1
+        raise Malformed(f"a bad {'struct' if c == '(' else 'dict entry'} at {start} in signature {sig!r}")
+    if c in _ALIGN and c not in "({":
         return i + 1
     raise Malformed(f"not a D-Bus type: {c!r} in signature {sig!r}")
 
@@ -153,18 +158,25 @@ def marshal(signature: str, values: Sequence[Any], endian: str = "<") -> bytes:
     return bytes(writer.buf)
 
 
-def method_call(serial: int, destination: str, path: str, interface: str, member: str,
-                signature: str = "", body: Sequence[Any] = (), endian: str = "<") -> bytes:
+def message(kind: int, serial: int, fields: Dict[int, Any], signature: str = "", body: Sequence[Any] = (),
+            endian: str = "<") -> bytes:
+    """A whole message: header ``fields`` (code -> value, typed as the specification says) and body."""
     data = marshal(signature, body, endian)
-    fields = [(PATH, Variant("o", path)), (INTERFACE, Variant("s", interface)), (MEMBER, Variant("s", member)),
-              (DESTINATION, Variant("s", destination))]
+    fields = dict(fields)
     if signature:
-        fields.append((SIGNATURE, Variant("g", signature)))
-    writer = _Writer(endian, bytearray(b"l" if endian == "<" else b"B") + pack(endian + "BBBII", METHOD_CALL, 0, 1,
+        fields[SIGNATURE] = signature
+    header = [(code, Variant(_FIELD_TYPES[code], value)) for code, value in fields.items()]
+    writer = _Writer(endian, bytearray(b"l" if endian == "<" else b"B") + pack(endian + "BBBII", kind, 0, 1,
                                                                                    len(data), serial))
-    writer.write("a(yv)", fields)
+    writer.write("a(yv)", header)
     writer.pad(8)
     return bytes(writer.buf) + data
+
+
+def method_call(serial: int, destination: str, path: str, interface: str, member: str,
+                signature: str = "", body: Sequence[Any] = (), endian: str = "<") -> bytes:
+    return message(METHOD_CALL, serial, {PATH: path, INTERFACE: interface, MEMBER: member,
+                                         DESTINATION: destination}, signature, body, endian)
 
 
 # ---- unmarshalling ---------------------------------------------------------------------
