@@ -214,13 +214,22 @@ def test_no_bus_and_a_bus_that_never_answers(bus, tmp_path) -> None:
         wire.WireBus().connect(address="tcp:host=localhost,port=1")
     silent = bus(lambda call: None, auth_answer=None)
     with pytest.raises(NetworkManagerError, match="did not answer within 0.3 s; is dbus-daemon hung"):
-        wire.WireBus().connect(timeout=0.3, address=silent.address)
+        wire.WireBus().connect(timeout=0.3, address=silent.address).calls([GET])
+
+
+def test_the_handshake_goes_out_with_the_first_calls(bus) -> None:
+    fake = bus(lambda call: reply(call, "s", ["ok"]))
+    client = wire.WireBus().connect(address=fake.address)
+    assert fake.auth == b"" and client.greeting  # nothing sent yet
+    with client:
+        assert client.calls([GET]) == [["ok"]] and client.calls([GET, GET]) == [["ok"], ["ok"]]
+    assert len(fake.calls) == 3
 
 
 def test_a_refused_authentication(bus, tmp_path) -> None:
     fake = bus(lambda call: None, auth_answer=b"REJECTED EXTERNAL\r\n")
     with pytest.raises(NetworkManagerError, match="refused to authenticate us"):
-        wire.WireBus().connect(timeout=2, address=fake.address)
+        wire.WireBus().connect(timeout=2, address=fake.address).calls([GET])
 
 
 def test_the_system_bus_address_comes_from_the_environment(bus, monkeypatch) -> None:

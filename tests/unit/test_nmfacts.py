@@ -129,6 +129,15 @@ def test_one_connections_state_with_or_without_its_facts() -> None:
     assert run(nmfacts.active_state("u-gone", with_facts=True), world()) == (None, None)
 
 
+def test_one_connections_facts_take_three_steps_whichever_it_is() -> None:
+    """Every device is read with the connections: no step for its device, or for the VPN's."""
+    for uuid, path in (("u-eth1", AC + "1"), ("u-eth2", AC + "2"), ("u-vpn", AC + "3")):
+        rounds: list = []
+        state, conn = run(nmfacts.active_state(uuid, with_facts=True, device_config=True), world(), rounds)
+        assert (conn, state) == run(nmfacts.facts(path, device_config=True), world())
+        assert len(rounds) == 3, rounds
+
+
 def test_without_networkmanager_the_steps_raise() -> None:
     with pytest.raises(NetworkManagerError):
         run(nmfacts.active_connections(), {})

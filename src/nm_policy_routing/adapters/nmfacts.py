@@ -110,20 +110,22 @@ def _iface(device: Dict[str, Any]) -> str:
     return device.get("IpInterface") or device.get("Interface") or ""
 
 
-def vpn_interface(ip4: str, ip6: str) -> Steps:
+def vpn_interface(ip4: str, ip6: str, devices: Optional[Dict[str, Answer]] = None) -> Steps:
     """A VPN's IP interface (tun0), which its ``Devices`` do not give: they list the parent.
 
     NetworkManager (1.42 and 1.52 alike) exports for a VPN the IP configuration object of
     the VPN's IP interface (``nm_l3cfg_ipconfig_acquire`` on the tunnel's l3cfg, or the
     parent's for a VPN without its own interface): the same object path as that device's
     ``Ip4Config``/``Ip6Config``. "" when no device shares it (the event's VPN_IP_IFACE
-    then names it)."""
+    then names it). ``devices``: every device's properties, if the caller has read them."""
     wanted = {p for p in (ip4, ip6) if p and p != "/"}
     if not wanted:
         return ""
-    (manager,) = yield [(NM_PATH, NM)]
-    for device in _value(manager).get("Devices", []):
-        (answer,) = yield [(device, DEVICE)]
+    if devices is None:
+        (manager,) = yield [(NM_PATH, NM)]
+        paths = _value(manager).get("Devices", [])
+    for device in devices if devices is not None else paths:
+        (answer,) = [devices[device]] if devices is not None else (yield [(device, DEVICE)])
         if isinstance(answer, NetworkManagerError):
             continue  # it went away meanwhile
         if {answer.get("Ip4Config"), answer.get("Ip6Config")} & wanted:
@@ -132,14 +134,14 @@ def vpn_interface(ip4: str, ip6: str) -> Steps:
 
 
 def facts(active_path: str, device_config: bool = False, device_hint: Optional[str] = None,
-          active: Optional[Dict[str, Any]] = None) -> Steps:
+          active: Optional[Dict[str, Any]] = None, devices: Optional[Dict[str, Answer]] = None) -> Steps:
     """The planner's view of one active connection, with its state; None if it vanished.
 
     ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
     take its device's (for one event about this connection, whose addresses the caller
     checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
-    (read at the same time as the connection). ``active``: its properties, if the caller
-    has just read them."""
+    (read at the same time as the connection). ``active``: its properties, and ``devices``:
+    every device's, if the caller has just read them."""
     asks = ([] if active is not None else [(active_path, ACTIVE)]) + ([(device_hint, DEVICE)] if device_hint else [])
     answers = list((yield asks)) if asks else []
     try:
@@ -149,12 +151,15 @@ def facts(active_path: str, device_config: bool = False, device_hint: Optional[s
     except NetworkManagerError:
         return None
     if active.get("Vpn"):  # its Devices list its parent: never borrow the parent's configuration
-        iface, dev = (yield from vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/"))), {}
+        iface = yield from vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/"), devices)
+        dev = {}
     else:
         iface, dev = "", {}
         for device in active.get("Devices", []):
             if device == device_hint:
                 dev = hinted
+            elif devices is not None and device in devices:
+                dev = _value(devices[device])
             else:
                 (answer,) = yield [(device, DEVICE)]
                 dev = _value(answer)
@@ -187,19 +192,22 @@ def user_data(settings: Answer) -> Dict[str, str]:
     return dict(_value(settings).get("user", {}).get("data", {}))
 
 
-def _actives() -> Steps:
-    """(path, properties or the error reading them) of every active connection, asked together."""
+def _actives(devices: bool = False) -> Steps:
+    """(path, properties or the error reading them) of every active connection, asked together;
+    with ``devices``, also {path: properties or error} of every device, in the same step."""
     (manager,) = yield [(NM_PATH, NM)]
     paths = list(_value(manager).get("ActiveConnections", []))
-    answers = (yield [(path, ACTIVE) for path in paths]) if paths else []
-    return list(zip(paths, answers))
+    devs = list(_value(manager).get("Devices", [])) if devices and paths else []
+    answers = (yield [(path, ACTIVE) for path in paths] + [(dev, DEVICE) for dev in devs]) if paths else []
+    return list(zip(paths, answers)), dict(zip(devs, answers[len(paths):]))
 
 
 def active_connections() -> Steps:
     """Every active connection (activating with addresses, or activated), external ones left out:
     NetworkManager does not manage them (lo, docker bridges), so neither do we."""
     out = []
-    for path, answer in (yield from _actives()):
+    actives, _ = yield from _actives()
+    for path, answer in actives:
         if isinstance(answer, NetworkManagerError):
             continue  # it went away meanwhile
         found = yield from facts(path, active=answer)
@@ -210,10 +218,13 @@ def active_connections() -> Steps:
 
 def active_state(uuid: str, with_facts: bool = False, device_config: bool = False) -> Steps:
     """``(state, facts)`` of the active connection ``uuid`` ((None, None) if it is not active);
-    facts only if asked (a removal needs only the state)."""
-    for path, answer in (yield from _actives()):
+    facts only if asked (a removal needs only the state). For one connection's facts every
+    device is read with the connections: three round trips, whichever device (or VPN) it is."""
+    actives, devices = yield from _actives(devices=with_facts)
+    for path, answer in actives:
         if isinstance(answer, NetworkManagerError) or answer.get("Uuid") != uuid:
             continue  # it went away meanwhile, or another
-        found = (yield from facts(path, device_config=device_config, active=answer)) if with_facts else None
+        found = ((yield from facts(path, device_config=device_config, active=answer, devices=devices))
+                 if with_facts else None)
         return int(answer.get("State", 0)), found[0] if found else None
     return None, None
