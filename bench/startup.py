@@ -12,9 +12,9 @@ from tests.lab.netns import Lab
 from tests.lab.world import World
 
 #: what a standalone event that reaches the engine imports (an 'up' with its policy remembered);
-#: a stale event stops after dbuswire
+#: a stale event stops after syncbus
 HOOK_PATH = ("import nm_policy_routing.cli, nm_policy_routing.journal, nm_policy_routing.dispatch, "
-             "nm_policy_routing.adapters.dbuswire, nm_policy_routing.reconcile, nm_policy_routing.adapters.kernel, "
+             "nm_policy_routing.adapters.syncbus, nm_policy_routing.reconcile, nm_policy_routing.adapters.kernel, "
              "nftables, nm_policy_routing.config")
 
 

@@ -8,7 +8,7 @@ the interface is the event's ``VPN_IP_IFACE`` (tun0), its addresses and gateway 
 that NetworkManager reports active again (a stale, queued event) removes nothing.
 An address still tentative (duplicate address detection) is left out and a detached,
 bounded wait (settle.py) re-applies when it is ready.
-NetworkManager is asked over the synchronous wire client (adapters/dbuswire.py) with the
+NetworkManager is asked over the synchronous client (adapters/syncbus.py) with the
 decisions the daemon's async client uses (adapters/nmfacts.py): the hook imports no asyncio,
 and the engine (with its data model) only once the event needs it: a stale event does not.
 Never raises: the hook must never block NetworkManager.
@@ -116,15 +116,15 @@ def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, 
 def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optional[Connection]]:
     """(state, facts) of the connection as NetworkManager sees it now; facts only if asked
     (a removal needs only the state)."""
-    from .adapters import dbuswire, nmfacts
+    from .adapters import nmfacts, syncbus
 
-    return dbuswire.drive(nmfacts.active_state(uuid, with_facts, device_config=True))
+    return syncbus.drive(nmfacts.active_state(uuid, with_facts, device_config=True))
 
 
 def _all_active() -> List[Connection]:
-    from .adapters import dbuswire, nmfacts
+    from .adapters import nmfacts, syncbus
 
-    return dbuswire.drive(nmfacts.active_connections())
+    return syncbus.drive(nmfacts.active_connections())
 
 
 def _rebuild(action: str, uuid: str, engine: Engine) -> Optional[str]:

@@ -1,6 +1,6 @@
-"""The hook's synchronous D-Bus client: the wire format both ways (checked against dbus-next's
-own marshaller), and a connection to a stand-in bus: authentication, calls sent together,
-error replies, silence, a truncated reply, a bus that is not there."""
+"""The hook's synchronous D-Bus client: the wire format both ways (dbuswire, checked against
+dbus-next's own marshaller), and its connection to a stand-in bus (syncbus): authentication,
+calls sent together, error replies, silence, a truncated reply, a bus that is not there."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nm_policy_routing.adapters import dbuswire as wire
+from nm_policy_routing.adapters import syncbus
 from nm_policy_routing.errors import NetworkManagerError, NotPermittedError
 from tests.unit.fakebus import CLOSE, FakeBus, error, reply, signal
 
@@ -121,10 +122,10 @@ def test_bad_signatures(signature) -> None:
 
 
 def test_bus_addresses() -> None:
-    assert wire.addresses("unix:path=/run/dbus/system_bus_socket") == ["/run/dbus/system_bus_socket"]
-    assert wire.addresses("tcp:host=x,port=1;unix:abstract=/tmp/dbus-x,guid=ab;unix:path=/a%2cb") == [
+    assert syncbus.addresses("unix:path=/run/dbus/system_bus_socket") == ["/run/dbus/system_bus_socket"]
+    assert syncbus.addresses("tcp:host=x,port=1;unix:abstract=/tmp/dbus-x,guid=ab;unix:path=/a%2cb") == [
         "\0/tmp/dbus-x", "/a,b"]
-    assert wire.addresses("tcp:host=x,port=1") == []
+    assert syncbus.addresses("tcp:host=x,port=1") == []
 
 
 # ---- the client against a stand-in bus --------------------------------------------------
@@ -160,7 +161,7 @@ def test_calls_go_out_together_and_replies_are_matched_by_serial(bus) -> None:
         return signal() + reply(second, "s", ["second"], ">") + reply(first, "a{sv}", [{"n": V("u", 1)}])
 
     fake = bus(respond)
-    with wire.WireBus().connect(address=fake.address) as client:
+    with syncbus.WireBus().connect(address=fake.address) as client:
         first, second = client.calls([GET, GET[:3] + ("Other", "", [])])
     assert first == [{"n": 1}] and second == ["second"]
     assert fake.auth == b"\0AUTH EXTERNAL " + str(os.geteuid()).encode().hex().encode() + b"\r\n"
@@ -173,7 +174,7 @@ def test_error_replies_become_our_errors(bus) -> None:
         return error(call, "org.freedesktop.NetworkManager.PermissionDenied", "not allowed", ">")
 
     fake = bus(respond)
-    with wire.WireBus().connect(address=fake.address) as client:
+    with syncbus.WireBus().connect(address=fake.address) as client:
         unknown, denied = client.calls([GET, GET[:3] + ("Update2", "", [])])
     assert isinstance(unknown, NetworkManagerError)
     assert str(unknown) == ("NetworkManager GetAll on /org/freedesktop/NetworkManager failed: "
@@ -183,7 +184,7 @@ def test_error_replies_become_our_errors(bus) -> None:
 
 def test_silence_is_an_error_naming_the_call(bus) -> None:
     fake = bus(lambda call: None)
-    with wire.WireBus().connect(address=fake.address) as client:
+    with syncbus.WireBus().connect(address=fake.address) as client:
         start = time.monotonic()
         with pytest.raises(NetworkManagerError, match=r"org.freedesktop.NetworkManager did not answer GetAll on "
                                                       r"/org/freedesktop/NetworkManager within 0.2 s"):
@@ -195,31 +196,31 @@ def test_a_truncated_reply_and_a_hang_up(bus) -> None:
     calls = []
 
     fake = bus(lambda call: [reply(call, "s", ["x" * 100])[:-20], CLOSE])
-    with wire.WireBus().connect(address=fake.address) as client:
+    with syncbus.WireBus().connect(address=fake.address) as client:
         with pytest.raises(NetworkManagerError, match="went away during GetAll"):
             client.calls([GET], timeout=5)
 
 
 def test_garbage_from_the_bus_is_an_error(bus) -> None:
     fake = bus(lambda call: b"X" * 64)
-    with wire.WireBus().connect(address=fake.address) as client:
+    with syncbus.WireBus().connect(address=fake.address) as client:
         with pytest.raises(NetworkManagerError, match="malformed message .* GetAll"):
             client.calls([GET], timeout=5)
 
 
 def test_no_bus_and_a_bus_that_never_answers(bus, tmp_path) -> None:
     with pytest.raises(NetworkManagerError, match="cannot reach the D-Bus system bus"):
-        wire.WireBus().connect(address=f"unix:path={tmp_path}/nothing")
+        syncbus.WireBus().connect(address=f"unix:path={tmp_path}/nothing")
     with pytest.raises(NetworkManagerError, match="cannot reach the D-Bus system bus"):
-        wire.WireBus().connect(address="tcp:host=localhost,port=1")
+        syncbus.WireBus().connect(address="tcp:host=localhost,port=1")
     silent = bus(lambda call: None, auth_answer=None)
     with pytest.raises(NetworkManagerError, match="did not answer within 0.3 s; is dbus-daemon hung"):
-        wire.WireBus().connect(timeout=0.3, address=silent.address).calls([GET])
+        syncbus.WireBus().connect(timeout=0.3, address=silent.address).calls([GET])
 
 
 def test_the_handshake_goes_out_with_the_first_calls(bus) -> None:
     fake = bus(lambda call: reply(call, "s", ["ok"]))
-    client = wire.WireBus().connect(address=fake.address)
+    client = syncbus.WireBus().connect(address=fake.address)
     assert fake.auth == b"" and client.greeting  # nothing sent yet
     with client:
         assert client.calls([GET]) == [["ok"]] and client.calls([GET, GET]) == [["ok"], ["ok"]]
@@ -229,11 +230,11 @@ def test_the_handshake_goes_out_with_the_first_calls(bus) -> None:
 def test_a_refused_authentication(bus, tmp_path) -> None:
     fake = bus(lambda call: None, auth_answer=b"REJECTED EXTERNAL\r\n")
     with pytest.raises(NetworkManagerError, match="refused to authenticate us"):
-        wire.WireBus().connect(timeout=2, address=fake.address).calls([GET])
+        syncbus.WireBus().connect(timeout=2, address=fake.address).calls([GET])
 
 
 def test_the_system_bus_address_comes_from_the_environment(bus, monkeypatch) -> None:
     fake = bus(lambda call: reply(call, "s", ["ok"]))
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path=/nonexistent;{fake.address}")
-    with wire.WireBus().connect() as client:
+    with syncbus.WireBus().connect() as client:
         assert client.calls([GET]) == [["ok"]]

@@ -8,7 +8,7 @@ from typing import Any, List
 
 import pytest
 
-from nm_policy_routing.adapters import dbuswire, nmfacts
+from nm_policy_routing.adapters import nmfacts, syncbus
 from nm_policy_routing.adapters.networkmanager import NetworkManagerBus
 from nm_policy_routing.adapters.nmfacts import ACTIVE, DEVICE, IP4CONFIG, IP6CONFIG, NM, NM_PATH, SETTINGS_CONN
 from nm_policy_routing.errors import NetworkManagerError
@@ -40,7 +40,8 @@ def world() -> Objects:
         (AC + "4", ACTIVE): {"Uuid": "u-lo", "Id": "lo", "State": 2, "StateFlags": 0x80, "Type": "loopback",
                              "Vpn": False, "Devices": [DEV + "4"], "Ip4Config": "/", "Ip6Config": "/",
                              "Connection": SET + "4"},
-        (DEV + "1", DEVICE): {"Interface": "eth1", "IpInterface": "eth1", "Ip4Config": IP4 + "1", "Ip6Config": IP6 + "1"},
+        (DEV + "1", DEVICE): {"Interface": "eth1", "IpInterface": "eth1", "Ip4Config": IP4 + "1",
+                              "Ip6Config": IP6 + "1"},
         (DEV + "2", DEVICE): {"Interface": "eth2", "IpInterface": "", "Ip4Config": IP4 + "2", "Ip6Config": "/"},
         (DEV + "3", DEVICE): {"Interface": "tun0", "IpInterface": "tun0", "Ip4Config": IP4 + "3", "Ip6Config": "/"},
         (DEV + "4", DEVICE): {"Interface": "lo", "IpInterface": "lo", "Ip4Config": "/", "Ip6Config": "/"},
@@ -174,7 +175,7 @@ def test_the_async_and_the_wire_client_read_the_same_facts(tmp_path, endian) -> 
 
     fake = FakeBus(str(tmp_path), serve_objects(objects, endian))
     try:
-        with dbuswire.WireBus().connect(address=fake.address) as bus:
+        with syncbus.WireBus().connect(address=fake.address) as bus:
             by_wire = [bus.drive(make()) for make in steps]
     finally:
         fake.close()

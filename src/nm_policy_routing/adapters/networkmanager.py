@@ -5,7 +5,7 @@ successor). Honours ``DBUS_SYSTEM_BUS_ADDRESS``. Everything is keyed by connecti
 UUID: object paths change when NetworkManager restarts. Every call has a timeout: a
 hung bus or NetworkManager yields a NetworkManagerError, never a process that waits forever.
 What the objects say about a connection is decided in nmfacts.py; this client answers its
-requests (``drive``), as the hook's synchronous client (dbuswire.py) does.
+requests (``drive``), as the hook's synchronous client (syncbus.py) does.
 """
 
 from __future__ import annotations

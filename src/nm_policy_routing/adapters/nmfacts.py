@@ -8,7 +8,7 @@ profile's settings (``GetSettings``). An answer is that dict, or the NetworkMana
 its call ended with (the steps decide whether it matters). The requests of one yield are
 independent: a driver may send them together. Two drivers answer them: the async client
 (``NetworkManagerBus.drive``: the daemon, the CLI) and the synchronous wire client
-(``dbuswire.drive``: the standalone dispatcher hook, which must not import asyncio), so
+(``syncbus.drive``: the standalone dispatcher hook, which must not import asyncio), so
 both read the same facts. Also here: NetworkManager's names and the text of its failures.
 The data model is imported when facts are read: the hook's stale events only ask for a state.
 """
