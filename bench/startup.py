@@ -11,9 +11,11 @@ from typing import Dict, List, Tuple
 from tests.lab.netns import Lab
 from tests.lab.world import World
 
-HOOK_PATH = ("import nm_policy_routing.cli, nm_policy_routing.dispatch, nm_policy_routing.reconcile, "
-             "nm_policy_routing.adapters.networkmanager, nm_policy_routing.adapters.kernel; "
-             "nm_policy_routing.adapters.networkmanager._no_glib(); import dbus_next.aio")
+#: what a standalone event that reaches the engine imports (an 'up' with its policy remembered);
+#: a stale event stops after syncbus
+HOOK_PATH = ("import nm_policy_routing.cli, nm_policy_routing.journal, nm_policy_routing.dispatch, "
+             "nm_policy_routing.adapters.syncbus, nm_policy_routing.reconcile, nm_policy_routing.adapters.kernel, "
+             "nftables, nm_policy_routing.config")
 
 
 def importtime() -> Tuple[float, List[Tuple[str, float]]]:

@@ -7,7 +7,6 @@ state as the reconcile that printed them.
 from __future__ import annotations
 
 import json
-import shlex
 from typing import Iterable, List
 
 from . import nftjson
@@ -15,6 +14,8 @@ from .model import RT_PROTO, Fwmark, Mark, Route, Rule, SockMark, Sysctl
 
 
 def _q(text: str) -> str:
+    import shlex  # only --dry-run prints commands: the hook never pays for it
+
     return shlex.quote(text)
 
 

@@ -19,8 +19,6 @@ file is read by :func:`load`.
 
 from __future__ import annotations
 
-import configparser
-import fnmatch
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -48,6 +46,8 @@ class Section:
             return True
         if self.kind == "type":
             return conn.type == self.pattern
+        import fnmatch
+
         return fnmatch.fnmatchcase(conn.iface or "", self.pattern)
 
 
@@ -74,6 +74,8 @@ class Defaults:
 
 def parse(text: str, source: str = DEFAULT_PATH) -> Defaults:
     """Parse the defaults file; problems (bad sections, unknown keys, bad values) are collected."""
+    import configparser  # only when there is a file: the hook reads it at every event
+
     parser = configparser.ConfigParser(interpolation=None, delimiters=("=",), comment_prefixes=("#", ";"),
                                        inline_comment_prefixes=("#",), strict=True, empty_lines_in_values=False)
     parser.optionxform = str  # keys are case-sensitive, as in profiles

@@ -8,20 +8,24 @@ the interface is the event's ``VPN_IP_IFACE`` (tun0), its addresses and gateway 
 that NetworkManager reports active again (a stale, queued event) removes nothing.
 An address still tentative (duplicate address detection) is left out and a detached,
 bounded wait (settle.py) re-applies when it is ready.
+NetworkManager is asked over the synchronous client (adapters/syncbus.py) with the
+decisions the daemon's async client uses (adapters/nmfacts.py): the hook imports no asyncio,
+and the engine (with its data model) only once the event needs it: a stale event does not.
 Never raises: the hook must never block NetworkManager.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from dataclasses import replace
-from typing import Dict, List, Mapping, Optional, Tuple
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import NetworkManagerError
-from .model import Address, Connection, real_gateway
-from .story import tell
+
+if TYPE_CHECKING:
+    from .model import Address, Connection
+    from .reconcile import Engine
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ def user_data_from_env(env: Mapping[str, str]) -> Optional[Dict[str, str]]:
 
 
 def _ip_from_env(env: Mapping[str, str], family: int) -> Tuple[List[Address], Optional[str]]:
+    from .model import Address
+
     prefix = "VPN_IP%d_" % family if env.get("VPN_IP_IFACE") else "IP%d_" % family
     addresses, gateway = [], _gateway(env.get(prefix + "GATEWAY"), family)
     try:
@@ -84,11 +90,15 @@ def _ip_from_env(env: Mapping[str, str], family: int) -> Tuple[List[Address], Op
 
 def _gateway(text: Optional[str], family: int) -> Optional[str]:
     """The event's gateway, or None: ``0.0.0.0``/``::`` (even ``VPN_IP6_GATEWAY=0.0.0.0``) mean none."""
+    from .model import real_gateway
+
     gateway = real_gateway(text)
     return gateway if gateway and (":" in gateway) == (family == 6) else None
 
 
 def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, str]]) -> Optional[Connection]:
+    from .model import Connection
+
     uuid = env.get("CONNECTION_UUID", "")
     if not uuid:
         return None
@@ -103,38 +113,21 @@ def facts_from_env(iface: str, env: Mapping[str, str], user: Optional[Dict[str, 
     )
 
 
-async def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optional[Connection]]:
+def _from_bus(uuid: str, with_facts: bool) -> Tuple[Optional[int], Optional[Connection]]:
     """(state, facts) of the connection as NetworkManager sees it now; facts only if asked
     (a removal needs only the state)."""
-    from .adapters.networkmanager import ACTIVE, NetworkManagerBus
+    from .adapters import nmfacts, syncbus
 
-    nm = await NetworkManagerBus().connect()
-    try:
-        for path in await nm.active_paths():
-            try:
-                props = await nm.props(path, ACTIVE)
-            except NetworkManagerError:
-                continue  # it went away meanwhile
-            if props.get("Uuid") != uuid:
-                continue
-            found = await nm.facts(path, device_config=True) if with_facts else None
-            return int(props.get("State", 0)), found[0] if found else None
-        return None, None
-    finally:
-        nm.disconnect()
+    return syncbus.drive(nmfacts.active_state(uuid, with_facts, device_config=True))
 
 
-async def _all_active() -> List[Connection]:
-    from .adapters.networkmanager import NetworkManagerBus
+def _all_active() -> List[Connection]:
+    from .adapters import nmfacts, syncbus
 
-    nm = await NetworkManagerBus().connect()
-    try:
-        return await nm.active_connections()
-    finally:
-        nm.disconnect()
+    return syncbus.drive(nmfacts.active_connections())
 
 
-def _rebuild(action: str, uuid: str, engine) -> Optional[str]:
+def _rebuild(action: str, uuid: str, engine: Engine) -> Optional[str]:
     """A damaged record knows no other connection: one event would remove their policies as
     stale. Re-apply every active connection instead (None: record fine or NetworkManager silent)."""
     from .record import Record
@@ -142,14 +135,14 @@ def _rebuild(action: str, uuid: str, engine) -> Optional[str]:
     if not Record.load(engine.directory).damaged:
         return None
     try:
-        conns = asyncio.run(_all_active())
+        conns = _all_active()
     except NetworkManagerError as exc:
         log.warning("cannot list the active connections to rebuild the record (%s)", exc)
         return None
     if action in REMOVE:
         conns = [c for c in conns if c.uuid != uuid]
     result = engine.reconcile(conns)
-    tell(result)
+    _tell(result)
     if result.waiting and not getattr(engine, "dry_run", False):
         from .settle import start
 
@@ -158,8 +151,15 @@ def _rebuild(action: str, uuid: str, engine) -> Optional[str]:
     return f"{action} for {uuid}: the record was damaged; rebuilt from {len(conns)} active connections"
 
 
-def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
-    """Process one event; returns a one-line outcome (for the log)."""
+def _tell(result) -> None:
+    from .story import tell
+
+    tell(result)
+
+
+def handle(iface: str, action: str, env: Mapping[str, str], make_engine: Callable[[], Engine]) -> str:
+    """Process one event; returns a one-line outcome (for the log). ``make_engine`` is called
+    once the event needs the engine."""
     uuid = env.get("CONNECTION_UUID", "")
     if action not in ENSURE | REMOVE:
         return f"{action}: nothing to do"
@@ -167,12 +167,12 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
         return f"{action} on {iface}: no CONNECTION_UUID, nothing to do"
     if env.get("CONNECTION_EXTERNAL") == "1":
         return f"{action} on {iface}: external connection, not ours to manage"
-    from .adapters.networkmanager import ACTIVATED, ACTIVATING
+    from .adapters.nmfacts import ACTIVATED, ACTIVATING
     from .journal import about, named
 
-    event = Connection(uuid=uuid, id=env.get("CONNECTION_ID", uuid), iface=env.get("DEVICE_IP_IFACE") or iface)
+    event = SimpleNamespace(uuid=uuid, id=env.get("CONNECTION_ID", uuid), iface=env.get("DEVICE_IP_IFACE") or iface)
     try:
-        state, bus_facts = asyncio.run(_from_bus(uuid, with_facts=action in ENSURE))
+        state, bus_facts = _from_bus(uuid, with_facts=action in ENSURE)
         bus_ok = True
     except NetworkManagerError as exc:
         log.warning("%s: %s: NetworkManager is not reachable over D-Bus (%s); using the event's environment",
@@ -181,13 +181,15 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
             return f"{action} for {uuid}: stale (NetworkManager reports it active again), kept"
+        engine = make_engine()
         rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
         if rebuilt:
             return rebuilt
-        tell(engine.remove(uuid))
+        _tell(engine.remove(uuid))
         return f"{action}: removed the policy of {uuid}"
     if bus_ok and state not in (ACTIVATING, ACTIVATED):
         return f"{action} for {uuid}: stale (no longer active), ignored"
+    engine = make_engine()
     rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
     if rebuilt:
         return rebuilt
@@ -202,11 +204,13 @@ def handle(iface: str, action: str, env: Mapping[str, str], engine) -> str:
     if conn is not None and env.get("VPN_IP_IFACE") and conn.iface != env["VPN_IP_IFACE"]:
         # a VPN's own interface (tun0) is the event's word; D-Bus names it only when
         # NetworkManager has a device for it (see NetworkManagerBus.facts)
+        from dataclasses import replace
+
         conn = replace(conn, iface=env["VPN_IP_IFACE"])
     if conn is None:
         return f"{action} for {uuid}: no facts, nothing to do"
     result = engine.ensure(conn)
-    tell(result)
+    _tell(result)
     cp = result.plan_of(uuid)
     if result.waiting.get(uuid) and not getattr(engine, "dry_run", False):
         from .settle import start

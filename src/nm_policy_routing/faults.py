@@ -14,7 +14,6 @@ Unset, each point costs one dictionary lookup.
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 _count = 0
@@ -36,6 +35,8 @@ def fault_point(name: str) -> None:
         cls = VerifyError if name == "verify" else KernelError
         raise cls(f"injected fault at point {_count} ({name})")
     os.write(2, f"fault point {_count} ({name}): killing myself\n".encode())
+    import signal
+
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -11,7 +11,6 @@ interface, table, priority and mark; a newcomer claiming one of them is refused.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,14 @@ from .model import (
     real_gateway,
 )
 from .policy import parse_policy
+
+try:  # the interpreter's own SHA-256: hashlib loads OpenSSL's libcrypto, ~3 ms at every hook run
+    from _sha2 import sha256  # Python 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256  # Python 3.9-3.11
+    except ImportError:
+        from hashlib import sha256
 
 if TYPE_CHECKING:
     from .config import Defaults
@@ -72,7 +79,7 @@ class Plan:
 def rules_stamp() -> str:
     """Which validation rules a cached policy passed: a hash of the code that states them, so a
     new version re-validates every cached policy (no pydantic import: the hook uses the cache)."""
-    digest = hashlib.sha256()
+    digest = sha256()
     here = os.path.dirname(os.path.abspath(__file__))
     for name in ("policy.py", "model.py"):
         try:
@@ -87,7 +94,7 @@ def rules_stamp() -> str:
 def policy_key(user_data: Tuple[Tuple[str, str], ...], defaults: Tuple[Tuple[str, str], ...]) -> str:
     """What a validated policy is remembered by: its inputs and the rules it was validated by."""
     text = json.dumps([user_data, defaults, rules_stamp()], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return sha256(text.encode()).hexdigest()[:32]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,7 +114,7 @@ def _policy(conn: Connection, defaults: Tuple[Tuple[str, str], ...], cache: Opti
 
 
 def _hash(uuid: str, salt: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}:{uuid}".encode()).digest()[:8], "big")
+    return int.from_bytes(sha256(f"{salt}:{uuid}".encode()).digest()[:8], "big")
 
 
 def _probe(uuid: str, salt: str, low: int, high: int, taken: Callable[[int], bool]) -> Optional[int]:

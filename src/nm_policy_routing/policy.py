@@ -7,7 +7,6 @@ the pydantic boundary. Nothing raises out of :func:`parse_policy` but
 
 from __future__ import annotations
 
-import difflib
 import functools
 import ipaddress
 import re
@@ -260,6 +259,8 @@ def policy_keys(user_data: Mapping[str, str]) -> Tuple[Dict[str, str], List[str]
                     f"key {show(key)} (value {show(value)}) differs from ours only in case: "
                     f"keys are lowercase, '{PREFIX}{name.lower()}'.")
                 continue
+            import difflib
+
             guess = difflib.get_close_matches(name.lower(), KEYS, n=1, cutoff=0.6)
             hint = f"; did you mean '{PREFIX}{guess[0]}'?" if guess else ""
             problems.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -144,7 +145,7 @@ def test_set_writes_and_removes_the_services_drop_ins(tmp_path, monkeypatch) -> 
     reloads = []
     monkeypatch.setattr(cgroups, "DROPIN_DIR", str(tmp_path))
     monkeypatch.setattr(cgroups, "systemd_booted", lambda: True)
-    monkeypatch.setattr(cgroups.subprocess, "run", lambda args, **kw: reloads.append(args))
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: reloads.append(args))  # cgroups imports it when used
     done = cgroups.sync_dropins(set(), {"backup.service"}, "/usr/bin/nm-policy-routing")
     dropin = tmp_path / "backup.service.d" / cgroups.DROPIN_NAME
     assert done == [f"wrote {dropin}"] and reloads == [["systemctl", "daemon-reload"]]

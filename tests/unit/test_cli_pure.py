@@ -120,3 +120,26 @@ def test_a_crash_while_listing_foreign_tables_costs_only_that_check() -> None:
 
     with pytest.raises(KernelError, match="refused"):
         _in_child(refuse)
+
+
+@pytest.mark.parametrize("argv", [
+    ["dispatch", "eth1", "up"], ["-v", "dispatch", "eth1", "pre-up"], ["--state-dir", "/x", "dispatch", "wlan0", "down"],
+    ["--state-dir=/x", "-v", "dispatch", "tun0", "vpn-up"], ["--verbose", "dispatch", "dispatch", "up"],
+])
+def test_dispatch_is_read_as_the_parser_reads_it(argv) -> None:
+    """The hook's fast path (no parser built) gives what the parser gives."""
+    from nm_policy_routing.cli import _dispatch_args
+
+    fast, full = _dispatch_args(argv), build_parser().parse_args(argv)
+    assert (fast.state_dir, fast.verbose, fast.command, fast.iface, fast.action, fast.func) == (
+        full.state_dir, full.verbose, full.command, full.iface, full.action, full.func)
+
+
+@pytest.mark.parametrize("argv", [
+    ["dispatch", "eth1"], ["dispatch", "eth1", "up", "more"], ["dispatch", "-h"], ["dispatch", "eth1", "--x"],
+    ["--state-dir", "dispatch", "eth1", "up"], ["status"], ["-x", "dispatch", "eth1", "up"], [],
+])
+def test_anything_else_is_left_to_the_parser(argv) -> None:
+    from nm_policy_routing.cli import _dispatch_args
+
+    assert _dispatch_args(argv) is None

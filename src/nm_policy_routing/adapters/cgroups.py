@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import re
-import subprocess
 import time
 from typing import Optional
 
@@ -52,6 +51,8 @@ def hierarchy() -> str:
 
 def unit_property(unit: str, prop: str) -> Optional[str]:
     """A unit's property from systemd, or None when systemd cannot be asked."""
+    import subprocess
+
     try:
         proc = subprocess.run(["systemctl", "show", "--property", prop, "--value", "--", unit],
                               capture_output=True, text=True, timeout=10)
@@ -191,5 +192,7 @@ def sync_dropins(before: set, after: set, exe: str) -> list:
         except OSError:
             pass
     if done:
+        import subprocess
+
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True, timeout=60)
     return done

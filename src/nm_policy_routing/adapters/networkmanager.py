@@ -4,6 +4,8 @@ The only module that imports the D-Bus library (dbus-next; dbus-fast is a drop-i
 successor). Honours ``DBUS_SYSTEM_BUS_ADDRESS``. Everything is keyed by connection
 UUID: object paths change when NetworkManager restarts. Every call has a timeout: a
 hung bus or NetworkManager yields a NetworkManagerError, never a process that waits forever.
+What the objects say about a connection is decided in nmfacts.py; this client answers its
+requests (``drive``), as the hook's synchronous client (syncbus.py) does.
 """
 
 from __future__ import annotations
@@ -13,28 +15,16 @@ import logging
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ..errors import NetworkManagerError, NotPermittedError
-from ..model import Address, Connection, real_gateway
+from ..errors import NetworkManagerError
+from ..model import Connection
+from . import nmfacts
+from .nmfacts import (ACTIVATED, ACTIVATING, ACTIVATION_EXTERNAL, ACTIVE, CALL_TIMEOUT, CONNECT_TIMEOUT,  # noqa: F401
+                      DEACTIVATED, DEACTIVATING, DEVICE, NM, NM_PATH, PROPS, SETTINGS_CONN, SETTINGS_PATH)
 
 log = logging.getLogger(__name__)
 
-NM = "org.freedesktop.NetworkManager"
-NM_PATH = "/org/freedesktop/NetworkManager"
-SETTINGS_PATH = "/org/freedesktop/NetworkManager/Settings"
-ACTIVE = NM + ".Connection.Active"
-DEVICE = NM + ".Device"
-SETTINGS_CONN = NM + ".Settings.Connection"
-PROPS = "org.freedesktop.DBus.Properties"
-
-#: Connection.Active states
-ACTIVATING, ACTIVATED, DEACTIVATING, DEACTIVATED = 1, 2, 3, 4
-#: Connection.Active StateFlags: NetworkManager only assumed it (docker bridges, lo...)
-ACTIVATION_EXTERNAL = 0x80
 UPDATE2_TO_DISK = 0x1
 UPDATE2_NO_REAPPLY = 0x40
-#: seconds to wait for the bus to accept us, and for any one reply
-CONNECT_TIMEOUT = 10.0
-CALL_TIMEOUT = 10.0
 
 
 def _no_glib() -> None:
@@ -57,16 +47,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _config(active: Dict[str, Any], device: Dict[str, Any], key: str) -> str:
-    """The active connection's Ip4Config/Ip6Config path, else its device's."""
-    path = active.get(key) or "/"
-    return path if path != "/" else device.get(key) or "/"
-
-
-async def _nothing() -> Dict[str, str]:
-    return {}
-
-
 class NetworkManagerBus:
     """An async client of NetworkManager on the system bus."""
 
@@ -81,13 +61,9 @@ class NetworkManagerBus:
         try:
             self.bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
         except asyncio.TimeoutError:
-            raise NetworkManagerError(
-                f"the D-Bus system bus accepted the connection but did not answer within {timeout:g} s; "
-                "is dbus-daemon hung? (DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from None
+            raise nmfacts.bus_silent(timeout) from None
         except Exception as exc:  # dbus-next raises OSError, ValueError, AuthError or plain Exception
-            raise NetworkManagerError(
-                f"cannot reach the D-Bus system bus ({exc}); is dbus running? "
-                "(DBUS_SYSTEM_BUS_ADDRESS selects another bus)") from exc
+            raise nmfacts.unreachable(exc) from exc
         return self
 
     def disconnect(self) -> None:
@@ -123,19 +99,15 @@ class NetworkManagerBus:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout)
         except asyncio.TimeoutError:
             getattr(self.bus, "_method_return_handlers", {}).pop(msg.serial, None)  # drop a late reply
-            who = "dbus-daemon" if destination == "org.freedesktop.DBus" else "NetworkManager (or dbus-daemon)"
-            raise NetworkManagerError(
-                f"{destination} did not answer {member} on {path} within {timeout:g} s; is {who} hung?") from None
+            raise nmfacts.no_answer(destination, member, path, timeout) from None
         except Exception as exc:  # the connection broke while waiting (dbus-next raises plain errors)
             raise NetworkManagerError(f"the D-Bus system bus connection broke during {member} on {path} "
                                       f"({str(exc) or type(exc).__name__})") from exc
         if reply is None:  # dbus-next answers pending calls with nothing when the bus closes
             raise NetworkManagerError(f"the D-Bus system bus went away during {member} on {path}")
         if reply.message_type == MessageType.ERROR:
-            text = reply.body[0] if reply.body else reply.error_name
-            if "PermissionDenied" in (reply.error_name or "") or "AccessDenied" in (reply.error_name or ""):
-                raise NotPermittedError(f"NetworkManager refused {member} on {path}: {text}")
-            raise NetworkManagerError(f"NetworkManager {member} on {path} failed: {reply.error_name}: {text}")
+            raise nmfacts.error_reply(member, path, reply.error_name or "",
+                                      reply.body[0] if reply.body else reply.error_name)
         return reply.body
 
     async def props(self, path: str, interface: str) -> Dict[str, Any]:
@@ -179,93 +151,34 @@ class NetworkManagerBus:
         settings = await self.settings(settings_path)
         return dict(settings.get("user", {}).get("data", {}))
 
-    async def _ip(self, path: str, prefix_key: str = "prefix") -> Tuple[List[Address], Optional[str]]:
-        if not path or path == "/":
-            return [], None
-        try:
-            props = await self.props(path, NM + (".IP6Config" if "IP6Config" in path else ".IP4Config"))
-        except NetworkManagerError:
-            return [], None
-        addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
-        return addrs, real_gateway(props.get("Gateway"))
-
-    async def _vpn_interface(self, ip4: str, ip6: str) -> str:
-        """A VPN's IP interface (tun0), which its ``Devices`` do not give: they list the parent.
-
-        NetworkManager (1.42 and 1.52 alike) exports for a VPN the IP configuration object of
-        the VPN's IP interface (``nm_l3cfg_ipconfig_acquire`` on the tunnel's l3cfg, or the
-        parent's for a VPN without its own interface): the same object path as that device's
-        ``Ip4Config``/``Ip6Config``. "" when no device shares it (the event's VPN_IP_IFACE
-        then names it)."""
-        wanted = {p for p in (ip4, ip6) if p and p != "/"}
-        if not wanted:
-            return ""
-        for device in (await self.props(NM_PATH, NM)).get("Devices", []):
+    async def drive(self, steps: nmfacts.Steps) -> Any:
+        """Answer the requests of nmfacts' steps; the requests of one step go out together
+        (each round trip waits for two other processes)."""
+        answers: Optional[List[nmfacts.Answer]] = None
+        while True:
             try:
-                dev = await self.props(device, DEVICE)
-            except NetworkManagerError:
-                continue  # it went away meanwhile
-            if {dev.get("Ip4Config"), dev.get("Ip6Config")} & wanted:
-                return dev.get("IpInterface") or dev.get("Interface") or ""
-        return ""
+                requests = steps.send(answers)
+            except StopIteration as done:
+                return done.value
+            answers = list(await asyncio.gather(*(self._answer(request) for request in requests)))
+
+    async def _answer(self, request: nmfacts.Request) -> nmfacts.Answer:
+        try:
+            return _plain((await self.call(*nmfacts.call_of(request)))[0])
+        except NetworkManagerError as exc:
+            return exc
 
     async def facts(self, active_path: str, device_config: bool = False,
                     device_hint: Optional[str] = None) -> Optional[Tuple[Connection, int]]:
-        """The planner's view of one active connection, with its state; None if it vanished.
-
-        ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
-        take its device's (for one event about this connection, whose addresses the caller
-        checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
-        (read at the same time as the connection)."""
-        try:  # independent calls go out together: each round trip waits for two other processes
-            if device_hint:
-                active, hinted = await asyncio.gather(self.props(active_path, ACTIVE), self.props(device_hint, DEVICE))
-            else:
-                active, hinted = await self.props(active_path, ACTIVE), {}
-        except NetworkManagerError:
-            return None
-        if active.get("Vpn"):  # its Devices list its parent: never borrow the parent's configuration
-            iface, dev = await self._vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/")), {}
-        else:
-            iface, dev = "", {}
-            for device in active.get("Devices", []):
-                dev = hinted if device == device_hint else await self.props(device, DEVICE)
-                iface = dev.get("IpInterface") or dev.get("Interface") or ""
-                if iface:
-                    break
-        # on pre-up the active connection shows no IP configuration yet ("/"), its device does
-        # (and the kernel holds it)
-        borrow = dev if device_config else {}
-        (addr4, gw4), (addr6, gw6), user = await asyncio.gather(
-            self._ip(_config(active, borrow, "Ip4Config")), self._ip(_config(active, borrow, "Ip6Config")),
-            self.user_data(active["Connection"]) if active.get("Connection") else _nothing())
-        conn = Connection(
-            uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
-            addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,
-            user_data=tuple(sorted(user.items())),
-            type="external" if int(active.get("StateFlags", 0)) & ACTIVATION_EXTERNAL else active.get("Type", ""),
-        )
-        return conn, int(active.get("State", 0))
+        """The planner's view of one active connection, with its state (nmfacts.facts)."""
+        return await self.drive(nmfacts.facts(active_path, device_config, device_hint))
 
     async def active_connections(self) -> List[Connection]:
-        """Every active connection (activating with addresses, or activated), external ones left out:
-        NetworkManager does not manage them (lo, docker bridges), so neither do we."""
-        out = []
-        for path in await self.active_paths():
-            found = await self.facts(path)
-            if found and found[1] in (ACTIVATING, ACTIVATED) and found[0].uuid and found[0].type != "external":
-                out.append(found[0])
-        return out
+        """Every active connection NetworkManager manages (nmfacts.active_connections)."""
+        return await self.drive(nmfacts.active_connections())
 
     async def active_state(self, uuid: str) -> Optional[int]:
-        for path in await self.active_paths():
-            try:
-                props = await self.props(path, ACTIVE)
-            except NetworkManagerError:
-                continue
-            if props.get("Uuid") == uuid:
-                return int(props.get("State", 0))
-        return None
+        return (await self.drive(nmfacts.active_state(uuid)))[0]
 
     async def profiles(self) -> List[Tuple[str, Dict[str, Dict[str, Any]]]]:
         """Every connection profile: (object path, settings)."""
