@@ -2,6 +2,7 @@
 its resident kernel, its imports).
 
 usage: scale_worker.py N STATE_DIR  -> JSON on stdout
+(NPR_PROFILE=PATH: the from-scratch reconcile is profiled with cProfile into PATH.N)
 """
 
 import json
@@ -66,7 +67,15 @@ def main() -> None:
     out["floor_s"] = timed(floor)
     subprocess.run("nft delete table inet nm_policy_routing; ip -4 rule flush protocol 214; "
                    "ip -4 route flush table all protocol 214", shell=True, check=True)
-    out["scratch_s"] = timed(lambda: engine.reconcile(conns))
+    profile = os.environ.get("NPR_PROFILE")  # a path: the from-scratch reconcile's cProfile goes there
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        out["scratch_s"] = timed(lambda: profiler.runcall(engine.reconcile, conns))
+        profiler.dump_stats(f"{profile}.{n}")
+    else:
+        out["scratch_s"] = timed(lambda: engine.reconcile(conns))
     trim_heap()  # as the daemon does after a full re-sync
     ups, downs = [], []
     scoped = Scoped(engine)  # as the daemon acts on one connection's event: scoped, else the full reconcile

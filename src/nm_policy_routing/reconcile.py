@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from . import apps
 from .caveats import caveats
-from .errors import KernelError, PolicyRoutingError, VerifyError
+from .errors import KernelError, PolicyRoutingError, VerifyError, raise_first
 from .faults import fault_point
 from .journal import about, named
 from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
@@ -239,34 +239,8 @@ class Engine:
                                 **the_plan.allocations})
         self._record_originals(kernel, record, the_plan.desired.sysctls)
         record.save()  # allocations and originals first: a crash mid-apply restarts from here
-        plans: List[ConnectionPlan] = []
-        added: Dict[str, KernelState] = {}
-        current = before
-        for cp in settled:
-            if cp.status != "ok" or not cp.state:
-                plans.append(cp)
-                continue
-            kept, failures = KernelState(), []
-            for family in (4, 6):  # one family's failure never takes the other down
-                part = _family_part(cp.state, family)
-                todo = part - current
-                try:
-                    self._add(kernel, record, todo, result)
-                except PolicyRoutingError as exc:
-                    undo_adds(kernel, record, todo, before, result)
-                    failures.append(f"IPv{family}: {exc}")
-                    continue
-                added[cp.connection.uuid] = added.get(cp.connection.uuid, KernelState()) | todo
-                if todo:  # (a union copies every set: only when there is something to add)
-                    current = current | todo
-                kept = kept | part
-            if failures and not (kept.rules or kept.routes):  # the caller logs the error (story.py)
-                plans.append(with_status(cp, "error", [_failed(cp, "; ".join(failures))]))
-                continue
-            if failures:
-                message = _failed_family(cp, failures)
-                cp = replace(cp, state=kept | KernelState(marks=cp.state.marks), errors=(message,))
-            plans.append(cp)
+        plans, added = self._install(kernel, record, settled, before, result)
+        current = KernelState.union([before, *added.values()])
         plans, attached = apps.attach(kernel, plans, before, app_notes, result)  # after the rules
         current = current | attached
         target = KernelState.union(cp.state for cp in plans if cp.status == "ok")
@@ -325,24 +299,80 @@ class Engine:
                 if value is not None:
                     originals[slot(entry)] = value
 
+    def _install(self, kernel: Kernel, record: Record, settled: Sequence[ConnectionPlan], before: KernelState,
+                 result: Result) -> Tuple[List[ConnectionPlan], Dict[str, KernelState]]:
+        """Add what the applicable plans miss, per address family, every connection's entries at once
+        (:meth:`_add_many`). A connection whose entry the kernel refuses has that family's part taken
+        back alone (one family's failure never takes the other down); the others stay. The planner
+        gives each connection its own entries (table, priority, interface), so no two share one."""
+        ready = [cp for cp in settled if cp.status == "ok" and cp.state]
+        added: Dict[str, KernelState] = {}
+        failures: Dict[str, Dict[int, str]] = {}
+        for family in (4, 6):
+            todo = {cp.connection.uuid: _family_part(cp.state, family) - before for cp in ready}
+            errors = self._add_many(kernel, record, todo, result)
+            for uuid, part in todo.items():
+                if uuid in errors:
+                    undo_adds(kernel, record, part, before, result)
+                    failures.setdefault(uuid, {})[family] = f"IPv{family}: {errors[uuid]}"
+                elif part:
+                    added[uuid] = added[uuid] | part if uuid in added else part
+        plans: List[ConnectionPlan] = []
+        for cp in settled:
+            failed = failures.get(cp.connection.uuid)
+            if failed:
+                kept = KernelState.union(_family_part(cp.state, f) for f in (4, 6) if f not in failed)
+                if not (kept.rules or kept.routes):  # the caller logs the error (story.py)
+                    cp = with_status(cp, "error", [_failed(cp, "; ".join(failed.values()))])
+                else:
+                    cp = replace(cp, state=kept | KernelState(marks=cp.state.marks),
+                                 errors=(_failed_family(cp, list(failed.values())),))
+            plans.append(cp)
+        return plans, added
+
     def _add(self, kernel: Kernel, record: Record, todo: KernelState, result: Result) -> None:
+        """Add ``todo`` (one connection's entries); the first one the kernel refuses is raised."""
+        error = self._add_many(kernel, record, {None: todo}, result).get(None)
+        if error is not None:
+            raise error
+
+    def _add_many(self, kernel: Kernel, record: Record, todo: Dict[Any, KernelState],
+                  result: Result) -> Dict[Any, PolicyRoutingError]:
+        """Add every group's entries: its sysctls, then the routes of all groups in one netlink batch,
+        then the rules of all in one (routes before rules: no rule points at a table without its
+        routes). A group's first refused entry is its error; its later kinds are not sent."""
+        errors: Dict[Any, PolicyRoutingError] = {}
         originals = record.data["sysctls"]
-        for entry in sorted(todo.sysctls):
-            if slot(entry) not in originals:
-                raise KernelError(f"cannot set {entry.name}: interface {entry.iface} does not exist")
-            if kernel.read_sysctl(*entry.slot) == entry.value:
-                continue
-            fault_point("sysctl")
-            kernel.write_sysctl(entry)
-            result.change(f"set {entry}", entry)
-        for route in sorted(todo.routes):
-            fault_point("route")
-            kernel.add_route(route)
-            result.change(f"add {route}", route)
-        for rule in sorted(todo.rules):
-            fault_point("rule")
-            kernel.add_rule(rule)
-            result.change(f"add {rule}", rule)
+        for key, part in todo.items():
+            for entry in sorted(part.sysctls):
+                try:
+                    if slot(entry) not in originals:
+                        raise KernelError(f"cannot set {entry.name}: interface {entry.iface} does not exist")
+                    if kernel.read_sysctl(*entry.slot) == entry.value:
+                        continue
+                    fault_point("sysctl")
+                    kernel.write_sysctl(entry)
+                except PolicyRoutingError as exc:
+                    errors[key] = exc
+                    break
+                result.change(f"set {entry}", entry)
+        for kind, point in (("routes", "route"), ("rules", "rule")):
+            batch: List[Tuple[Any, Any]] = []
+            for key, part in todo.items():
+                try:
+                    for entry in sorted(getattr(part, kind)) if key not in errors else ():
+                        fault_point(point)
+                        batch.append((key, entry))
+                except PolicyRoutingError as exc:  # an injected fault: this entry is refused
+                    errors[key] = exc
+            for (key, entry), error in zip(batch, _each(kernel, f"add_{kind}", [e for _, e in batch])):
+                if error is None:
+                    result.change(f"add {entry}", entry)
+                elif isinstance(error, PolicyRoutingError):
+                    errors.setdefault(key, error)
+                else:
+                    raise error
+        return errors
 
     def _set_marks(self, kernel: Kernel, before: KernelState, target: KernelState, result: Result) -> None:
         if target.marks == before.marks and kernel.nft_intact:
@@ -371,16 +401,16 @@ class Engine:
         for entry in sorted(stale.sockmarks):  # before the rules: no socket is marked for a gone table
             kernel.detach_sockmark(entry)  # type: ignore[attr-defined]
             result.change(f"detach {entry}", entry)
-        for rule in sorted(stale.rules):
-            fault_point("rule")
-            kernel.del_rule(rule)
-            result.change(f"delete {rule}", rule)
-        replaced = {route_key(r) for r in target.routes}
-        for route in sorted(stale.routes):
-            if route_key(route) not in replaced:  # 'replace' already overwrote it
-                fault_point("route")
-                kernel.del_route(route)
-                result.change(f"delete {route}", route)
+        replaced = {route_key(r) for r in target.routes}  # 'replace' already overwrote those routes
+        for kind, point, gone in (("rules", "rule", sorted(stale.rules)),
+                                  ("routes", "route", [r for r in sorted(stale.routes) if route_key(r) not in replaced])):
+            for _ in gone:
+                fault_point(point)
+            errors = _each(kernel, f"del_{kind}", gone)  # one batch: rules first, then their routes
+            for entry, error in zip(gone, errors):
+                if error is None:
+                    result.change(f"delete {entry}", entry)
+            raise_first(errors)
         wanted = {slot(s) for s in target.sysctls}
         for key, original in sorted(record.data["sysctls"].items()):
             if key in wanted:
@@ -431,6 +461,22 @@ class Engine:
         record.data["outcomes"] = {}
         for uuid, outcome in outcomes.items():
             record.set_outcome(uuid, outcome)
+
+
+def _each(kernel: Kernel, method: str, entries: List[Any]) -> List[Optional[Exception]]:
+    """``kernel.add_routes(entries)`` & co.: one batch where the kernel has it (a model of one may
+    not: then one call per entry). The error of each entry, None where done."""
+    many = getattr(kernel, method, None)
+    if many is not None:
+        return many(entries) if entries else []
+    one, out = getattr(kernel, method[:-1]), []  # add_routes -> add_route
+    for entry in entries:
+        try:
+            one(entry)
+            out.append(None)
+        except PolicyRoutingError as exc:
+            out.append(exc)
+    return out
 
 
 def _family_part(state: KernelState, family: int) -> KernelState:

@@ -24,15 +24,17 @@ thread only.
 
 from __future__ import annotations
 
-import errno
 import threading
-from typing import Any, Dict, FrozenSet, Iterable, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from ..model import RT_PROTO, Fwmark, Mark, Route, Rule, Sysctl
 from . import nfnetlink, sysctl
 from .kernel import LiveKernel
-from .rtnl import NLM_F_CREATE, NLM_F_EXCL, RTM_DELRULE, RTM_NEWRULE, Rtnl, rule_message
+from .rtnl import Rtnl
 from .nftables import Nftables
+
+#: the routes of up to this many changed tables are read back table by table, more by one dump
+TABLES_READ_ONE_BY_ONE = 8
 
 
 class _RememberingNftables(Nftables):
@@ -71,7 +73,7 @@ class _RememberingNftables(Nftables):
 class _RememberingRtnl(Rtnl):
     """Our rules (with the foreign ones) and routes as last read, kept current by our own
     acknowledged changes; the routes of a table we changed are read back (a dump the kernel
-    filters by table: O(1)) at the next read."""
+    filters by table: O(1)) at the next read, or all of ours by one dump when many changed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,29 +87,31 @@ class _RememberingRtnl(Rtnl):
             self.forget_rules = False
             self._rule_dump.clear()
 
-    def add_rule(self, rule: Rule) -> None:
-        self.request(f"add {rule}", RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_message(rule), ok=(errno.EEXIST,))
-        dump = self._rule_dump.get(rule.family)
-        if dump is not None and (rule, RT_PROTO) not in dump:
-            dump.append((rule, RT_PROTO))
+    def rules_changed(self, added: Sequence[Rule], deleted: Sequence[Rule]) -> None:
+        for family, dump in self._rule_dump.items():
+            gone = {(r, RT_PROTO) for r in deleted if r.family == family}
+            if gone:
+                dump[:] = [entry for entry in dump if entry not in gone]
+            have = set(dump)
+            for rule in added:
+                if rule.family == family and (rule, RT_PROTO) not in have:
+                    have.add((rule, RT_PROTO))
+                    dump.append((rule, RT_PROTO))
 
-    def del_rule(self, rule: Rule) -> None:
-        self.request(f"delete {rule}", RTM_DELRULE, 0, rule_message(rule), ok=(errno.ENOENT,))
-        dump = self._rule_dump.get(rule.family)
-        if dump is not None:
-            dump[:] = [entry for entry in dump if entry != (rule, RT_PROTO)]
+    def add_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        self._touched.update(r.table for r in routes)
+        return super().add_routes(routes)
 
-    def add_route(self, route: Route) -> None:
-        self._touched.add(route.table)
-        super().add_route(route)
-
-    def del_route(self, route: Route) -> None:
-        self._touched.add(route.table)
-        super().del_route(route)
+    def del_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        self._touched.update(r.table for r in routes)
+        return super().del_routes(routes)
 
     def our_routes(self) -> Set[Route]:
         if self.forget_routes or self._routes_view is None:
             self.forget_routes = False
+            self._touched = set()
+            self._routes_view = super().our_routes()
+        elif len(self._touched) > TABLES_READ_ONE_BY_ONE:  # many changed (a full reconcile): one dump
             self._touched = set()
             self._routes_view = super().our_routes()
         elif self._touched:
