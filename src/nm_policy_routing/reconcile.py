@@ -223,8 +223,8 @@ class Engine:
             previous = {**{c.uuid: by_iface[c.iface] for c in conns.values() if c.iface in by_iface}, **previous}
         result = Result()
         held = self._held_back(kernel, conns, result)
-        planned = [replace(c, addresses=tuple(a for a in c.addresses if a.ip not in held.get(c.uuid, ())))
-                   for c in conns.values()]
+        planned = [replace(c, addresses=tuple(a for a in c.addresses if a.ip not in held[c.uuid]))
+                   if c.uuid in held else c for c in conns.values()]
         foreign = kernel.foreign()
         the_plan = plan(planned, foreign, previous, self.defaults(), cache)
         settled, app_notes = apps.settle(kernel, the_plan.connections)  # a unit not running: nothing to mark

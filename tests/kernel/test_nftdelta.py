@@ -64,7 +64,8 @@ STEPS = [
      ("outgoing", "eth2", 0x02000000, M)],                                          # a direction added
     [("incoming", "eth1", 0x01000000, M), ("outgoing", "eth2", 0x02000000, M)],     # incoming dropped
     [("incoming", "eth1", 0x03000000, M), ("outgoing", "eth2", 0x02000000, M)],     # same iface, new mark
-    [("incoming", "eth1", 0x03000000, M)],                                          # one connection gone
+    [("outgoing", "eth2", 0x02000000, M)],                                          # no incoming left
+    [("incoming", "eth1", 0x03000000, M)],                                          # no outgoing left
     [("incoming", "eth1", 0x03000000, M), ("incoming", "eth9", 0x1, 0xFFFFFFFF)],   # a new mask: replace
     [("incoming", "eth9", 0x1, 0xFFFFFFFF)],
 ]
@@ -75,6 +76,6 @@ def test_deltas_end_as_a_fresh_build(lab: Lab) -> None:
     proc = ns.run(PYTHON, "-c", SCRIPT, input=json.dumps(STEPS), check=False)
     assert proc.returncode == 0, proc.stderr
     steps = json.loads(proc.stdout)
-    assert [s["delta"] for s in steps] == [True, True, True, True, True, False, False]
+    assert [s["delta"] for s in steps] == [True, True, True, True, True, True, False, False]
     for n, step in enumerate(steps, 1):
         assert step["marks_ok"] and step["intact"] and step["same_as_fresh"], (n, step)
