@@ -2,6 +2,7 @@
 its resident kernel, its imports).
 
 usage: scale_worker.py N STATE_DIR  -> JSON on stdout
+(NPR_PROFILE=PATH: the first from-scratch reconcile is profiled with cProfile into PATH.N)
 """
 
 import json
@@ -17,6 +18,10 @@ from nm_policy_routing.adapters.resident import Resident, trim_heap
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
 from nm_policy_routing.scoped import Scoped
+
+#: the floor and the from-scratch reconcile are each timed this many times (medians)
+REPEATS = 3
+
 
 def conn(i: int) -> Connection:
     """Policy connection i: incoming marking with its own mark (the automatic mark bits
@@ -39,8 +44,6 @@ def main() -> None:
     conns = [conn(i) for i in range(n)]
     extra = conn(n)
     out = {}
-    engine = Engine(state)
-    engine.keep_kernel(Resident())  # as the daemon runs it: one kernel kept open across events
     # the floor: the same objects by one `ip -batch` and one `nft -f`
     dry = Engine(tempfile.mkdtemp(), dry_run=True).reconcile(conns).commands
     batches = {}
@@ -50,23 +53,51 @@ def main() -> None:
             f.write("\n".join(lines) + "\n")
         batches[family] = f.name
     nft = [c for c in dry if c.startswith("nft ")]
-    sysctls = [c for c in dry if c.startswith("sysctl ")]
+    sysctls = [c.split()[-1].strip("'") for c in dry if c.startswith("sysctl ")]
     payload = nft[0].split("\n")[1] if nft else ""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as g:
         g.write(payload)
+    # each key's value before the floor wrote it: put back after each floor, so that the engine
+    # writes them too
+    before = [f"{a.split('=')[0]}={open('/proc/sys/' + a.split('=')[0].replace('.', '/')).read().strip()}"
+              for a in sysctls]
 
     def floor() -> None:
         for family, name in batches.items():
             subprocess.run(["ip", family, "-batch", name], check=True)
         subprocess.run(["nft", "-j", "-f", g.name], check=True)
         if sysctls:  # one sysctl process for all of them
-            args = [c.split()[-1].strip("'") for c in sysctls]
-            subprocess.run(["sysctl", "-qw", *args], check=True)
+            subprocess.run(["sysctl", "-qw", *sysctls], check=True)
 
-    out["floor_s"] = timed(floor)
-    subprocess.run("nft delete table inet nm_policy_routing; ip -4 rule flush protocol 214; "
-                   "ip -4 route flush table all protocol 214", shell=True, check=True)
-    out["scratch_s"] = timed(lambda: engine.reconcile(conns))
+    def undo_floor() -> None:
+        subprocess.run("nft delete table inet nm_policy_routing; ip -4 rule flush protocol 214; "
+                       "ip -4 route flush table all protocol 214; ip -6 rule flush protocol 214; "
+                       "ip -6 route flush table all protocol 214", shell=True, check=True)
+        if before:
+            subprocess.run(["sysctl", "-qw", *before], check=True)
+
+    # the floor and the engine from scratch alternate (this VM's timings drift): medians of REPEATS
+    floors, scratches = [], []
+    profile = os.environ.get("NPR_PROFILE")  # a path: the first from-scratch reconcile's cProfile goes there
+    for repeat in range(REPEATS):
+        if repeat:  # the previous engine's policies go (not timed); a fresh engine starts from scratch
+            engine.flush()
+            resident.shutdown()
+        floors.append(timed(floor))
+        undo_floor()
+        engine = Engine(tempfile.mkdtemp(prefix="npr-bench-", dir=os.path.dirname(state)) if repeat else state)
+        resident = Resident()
+        engine.keep_kernel(resident)  # as the daemon runs it: one kernel kept open across events
+        if profile and not repeat:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            scratches.append(timed(lambda: profiler.runcall(engine.reconcile, conns)))
+            profiler.dump_stats(f"{profile}.{n}")
+        else:
+            scratches.append(timed(lambda: engine.reconcile(conns)))
+    out["floor_s"], out["scratch_s"] = statistics.median(floors), statistics.median(scratches)
+    out["floor_samples_s"], out["scratch_samples_s"] = floors, scratches
     trim_heap()  # as the daemon does after a full re-sync
     ups, downs = [], []
     scoped = Scoped(engine)  # as the daemon acts on one connection's event: scoped, else the full reconcile

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
 
 class PolicyRoutingError(Exception):
     """Base of everything this package raises on purpose."""
@@ -55,3 +57,10 @@ class NetworkManagerError(PolicyRoutingError):
     """NetworkManager could not be asked, or refused."""
 
     exit_code = 1
+
+
+def raise_first(errors: Iterable[Optional[Exception]]) -> None:
+    """Raise the first error of a batch's answers (None: that entry was done)."""
+    for error in errors:
+        if error is not None:
+            raise error

@@ -4,8 +4,9 @@ Pure, like nftjson: marks before and after -> one libnftables JSON transaction t
 deletes the map elements (and the per-mark chains) no longer wanted and adds the new
 ones, leaving everything else of the table untouched. The chains and rules it adds are
 taken from :func:`nftjson.build`, so the table ends exactly as a fresh build would
-make it. When the table's skeleton would change (a new or vanished mark mask: the base
-chains' rules differ) there is no delta: the caller replaces the table.
+make it. When the directions in use change, the base chains' few rules are written anew in
+the same transaction; when the masks change (new maps) there is no delta: the caller
+replaces the table.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def delta(before: Iterable[Mark], after: Iterable[Mark], skeleton_kept: Optional
     for mark in sorted(after - before):
         target = chain_of[mark.direction](Fwmark(mark.value, mark.mask))
         cmds.append(_element("add", mark.direction, [[mark.iface, _jump(target)]]))
+    rules = nftjson.base_rules(after)
+    if rules != nftjson.base_rules(before):  # a direction came or went: the base chains' rules anew
+        cmds += [{"flush": {"chain": dict(_TABLE, name=name)}} for name in ("prerouting", "output")]
+        cmds += rules
     return {"nftables": cmds}
 
 

@@ -4,10 +4,12 @@ Layout of ``table inet nm_policy_routing`` (one map lookup per packet per job):
 
     chain prerouting  (filter, prerouting, mangle)
         ct mark & M vmap @restore_M            # a flow we marked: mark its packets again, done
-        iifname vmap @incoming                 # a new flow on a policy interface
+        iifname vmap @incoming                 # a new flow on a policy interface (*)
     chain output      (route, output, mangle)  # 'route' so a changed mark re-routes
         meta mark & M == 0 ct mark & M vmap @restore_M
-        meta mark 0 ct mark & U == 0 oifname vmap @outgoing
+        meta mark 0 ct mark & U == 0 oifname vmap @outgoing     (*)
+
+(*) only while a policy of that direction is in place: every packet would make the look-up.
     chain in_V_M:       fib daddr type != local return; then as set_V_M (only flows to this host)
     chain set_V_M:      meta mark and ct mark bits M := V   (others kept)
     chain restore_V_M:  meta mark bits M := V; accept
@@ -109,14 +111,26 @@ def build(marks: Iterable[Mark]) -> List[Dict[str, Any]]:
     add(_obj("chain", name="output", type="route", hook="output", prio=-150, policy="accept"))
     for mask in masks:
         add(_rule("prerouting", {"vmap": {"key": _masked("ct", mask), "data": f"@{restore_map(mask)}"}}))
-    add(_rule("prerouting", {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@incoming"}}))
+    directions = {m.direction for m in marks}  # a look-up that cannot match is not made (every packet)
+    if "incoming" in directions:
+        add(_rule("prerouting", {"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@incoming"}}))
     for mask in masks:
         add(_rule("output", _eq(_masked("meta", mask), 0),
                   {"vmap": {"key": _masked("ct", mask), "data": f"@{restore_map(mask)}"}}))
-    if union:
+    if union and "outgoing" in directions:
         add(_rule("output", _eq({"meta": {"key": "mark"}}, 0), _eq(_masked("ct", union), 0),
                   {"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@outgoing"}}))
     return cmds
+
+
+def base_rules(marks: Iterable[Mark]) -> List[Dict[str, Any]]:
+    """The commands adding the base chains' rules: they depend only on the masks and the
+    directions in use, so they are built from one mark of each (O(masks), not O(marks))."""
+    sample: Dict[Tuple[str, int], Mark] = {}
+    for mark in marks:
+        sample.setdefault((mark.direction, mark.mask), mark)
+    return [cmd for cmd in build(sample.values())
+            if cmd["add"].get("rule", {}).get("chain") in ("prerouting", "output")]
 
 
 def replace_table(marks: Iterable[Mark], exists: bool) -> Dict[str, Any]:

@@ -149,6 +149,9 @@ class _Allocator:
     def table_taken(self, table: int) -> bool:
         return table in self.tables or table in self.foreign.tables
 
+    def priority_taken(self, priority: int) -> bool:  # (no copy of the taken ones per connection)
+        return priority in self.priorities or priority in self.foreign_priorities
+
     def mark_clash(self, mark: Fwmark) -> Optional[str]:
         for other, owner in self.foreign.marks:
             if other.overlaps(mark):
@@ -208,8 +211,7 @@ class _Allocator:
                     and AUTO_PRIORITY_RANGE[0] <= previous.priority <= AUTO_PRIORITY_RANGE[1]:
                 priority = previous.priority
             else:
-                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE,
-                                  lambda p: p in self.priorities or p in self.foreign_priorities)
+                priority = _probe(uuid, "priority", *AUTO_PRIORITY_RANGE, self.priority_taken)
         mark = policy.fwmark if policy.uses_marks else None
         if policy.uses_marks and mark is None:
             mark = self._auto_mark(uuid, previous, problems)

@@ -53,3 +53,25 @@ def test_a_failed_change_puts_back_the_route_replace_overwrote(seed: Seed, engin
     assert plan["status"] == "error" and "injected fault" in plan["errors"][0], plan
     assert host.snapshot(["eth0", "eth1"]) == before, "the default route via 10.0.1.1 is back"
     assert seed.tcp(Seed.SERVICE4), "the policy in place keeps working"
+
+
+def test_a_route_refused_in_the_batch_is_taken_back_for_its_connection_alone(seed: Seed, engine) -> None:
+    """Every connection's routes go to the kernel in one netlink batch: the route the kernel refuses
+    (a gateway that is not on-link) is mapped back to its connection and address family, whose part
+    is taken back; the same connection's IPv6 part and the other connection stay installed."""
+    host = seed.host
+    refused = service(routes="198.51.100.0/24 via 10.9.9.9")
+    result = engine.reconcile(refused, mgmt())
+    plan, other = result["plans"][SVC], result["plans"][MGMT]
+    assert plan["status"] == "ok" and other["status"] == "ok" and not other["errors"], result
+    (message,) = plan["errors"]
+    assert message.startswith("connection conn-eth1 (") and "on eth1" in message and "IPv4" in message \
+        and "198.51.100.0/24 via 10.9.9.9" in message, message
+    assert "Network is unreachable" in message, message
+    table, mgmt_table = plan["allocation"]["table"], other["allocation"]["table"]
+    assert host.ipj("-4", "route", "show", "table", str(table)) == []
+    assert not [r for r in host.ipj("-4", "rule") if r.get("table") == str(table)]
+    assert {r["dst"] for r in host.ipj("-6", "route", "show", "table", str(table))} == {"default", "fd00:1::/64"}
+    assert [r for r in host.ipj("-6", "rule") if r.get("table") == str(table)]
+    assert "198.51.100.0/24" in {r["dst"] for r in host.ipj("-4", "route", "show", "table", str(mgmt_table))}
+    assert [r.get("src") for r in host.ipj("-4", "rule") if r.get("table") == str(mgmt_table)] == ["10.0.0.2"]

@@ -29,8 +29,8 @@ rtnl_watch = RtnlWatch(ignore_portid=lambda: ours.portid)
 nft_watch = NftWatch(ignore_pid=threading.get_native_id)
 rule = Rule(4, 1000, 100, 0x1, 0xffffffff)
 result = {}
-ours.add_rule(rule)
-ours.del_rule(rule)
+assert ours.add_rules([rule]) == [None]
+assert ours.del_rules([rule]) == [None]
 result["own rule changes"] = [e.text for e in drain(rtnl_watch)]
 subprocess.run("ip rule add priority 1000 fwmark 0x1 table 100 proto 214; "
                "ip rule del priority 1000 fwmark 0x1 table 100 proto 214", shell=True, check=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import commands, nftdelta
-from ..errors import KernelError
+from ..errors import KernelError, raise_first
 from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, SockMark, Sysctl
 from . import cgroups, nfnetlink, sysctl
 from .rtnl import Rtnl
@@ -79,7 +79,7 @@ class LiveKernel:
         return out
 
     def attach_sockmark(self, entry: SockMark) -> None:
-        from ..errors import KernelError
+        from ..errors import KernelError, raise_first
         from . import cgroupbpf
 
         path = self.cgroup_path(entry.target)
@@ -120,17 +120,31 @@ class LiveKernel:
     def write_sysctl(self, entry: Sysctl) -> None:
         sysctl.write(entry)
 
+    # one entry, or many in one netlink batch (each one's error, None where done)
+
+    def add_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        return self.netlink.add_routes(routes)
+
+    def del_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        return self.netlink.del_routes(routes)
+
+    def add_rules(self, rules: Sequence[Rule]) -> List[Optional[Exception]]:
+        return self.netlink.add_rules(rules)
+
+    def del_rules(self, rules: Sequence[Rule]) -> List[Optional[Exception]]:
+        return self.netlink.del_rules(rules)
+
     def add_route(self, route: Route) -> None:
-        self.netlink.add_route(route)
+        raise_first(self.add_routes([route]))
 
     def del_route(self, route: Route) -> None:
-        self.netlink.del_route(route)
+        raise_first(self.del_routes([route]))
 
     def add_rule(self, rule: Rule) -> None:
-        self.netlink.add_rule(rule)
+        raise_first(self.add_rules([rule]))
 
     def del_rule(self, rule: Rule) -> None:
-        self.netlink.del_rule(rule)
+        raise_first(self.del_rules([rule]))
 
     def flush_conntrack(self, mark: Fwmark) -> None:
         nfnetlink.flush_conntrack_mark(mark.value, mark.mask)
@@ -175,17 +189,21 @@ class DryRunKernel(LiveKernel):
         self._sysctls[entry.slot] = entry.value
         self.commands.append(commands.sysctl(entry))
 
-    def add_route(self, route: Route) -> None:
-        self.commands.append(commands.route("replace", route))
+    def add_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        return self._say([commands.route("replace", r) for r in routes])
 
-    def del_route(self, route: Route) -> None:
-        self.commands.append(commands.route("delete", route))
+    def del_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        return self._say([commands.route("delete", r) for r in routes])
 
-    def add_rule(self, rule: Rule) -> None:
-        self.commands.append(commands.rule("add", rule))
+    def add_rules(self, rules: Sequence[Rule]) -> List[Optional[Exception]]:
+        return self._say([commands.rule("add", r) for r in rules])
 
-    def del_rule(self, rule: Rule) -> None:
-        self.commands.append(commands.rule("delete", rule))
+    def del_rules(self, rules: Sequence[Rule]) -> List[Optional[Exception]]:
+        return self._say([commands.rule("delete", r) for r in rules])
+
+    def _say(self, lines: List[str]) -> List[Optional[Exception]]:
+        self.commands.extend(lines)
+        return [None] * len(lines)
 
     def set_marks(self, marks: Iterable[Mark]) -> None:
         self.commands.append(commands.nft_replace(marks, self.nft_exists))

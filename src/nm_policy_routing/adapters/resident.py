@@ -28,17 +28,19 @@ rule or route. Used from the daemon's one engine thread only.
 
 from __future__ import annotations
 
-import errno
 import threading
-from typing import Any, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import nftdelta
 from ..errors import KernelError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
 from . import nfnetlink, nftraw, sysctl
 from .kernel import LiveKernel
-from .rtnl import NLM_F_CREATE, NLM_F_EXCL, RTM_DELRULE, RTM_NEWRULE, Rtnl, rule_message
+from .rtnl import Rtnl
 from .nftables import Nftables
+
+#: the routes of up to this many changed tables are read back table by table, more by one dump
+TABLES_READ_ONE_BY_ONE = 8
 
 
 class _RememberingNftables(Nftables):
@@ -86,8 +88,8 @@ class _RememberingRtnl(Rtnl):
     """Our rules (with the foreign ones) and routes as last read, kept current by our own
     acknowledged changes and indexed by table (and rules by incoming interface); the routes
     of a table we changed are read back (a dump the kernel filters by table: O(1)) at the
-    next read. What others use (foreign_usage) is kept until someone else changes a rule or
-    a route."""
+    next read, or all of ours by one dump when many changed. What others use (foreign_usage)
+    is kept until someone else changes a rule or a route."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,31 +137,39 @@ class _RememberingRtnl(Rtnl):
             self._foreign = super().foreign_usage()
         return self._foreign
 
-    def add_rule(self, rule: Rule) -> None:
-        self.request(f"add {rule}", RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_message(rule), ok=(errno.EEXIST,))
-        self._index_rule(rule, True)
+    def rules_changed(self, added: Sequence[Rule], deleted: Sequence[Rule]) -> None:
+        """Our acknowledged changes kept in the rule dump and the index (no re-read)."""
+        for family, dump in self._rule_dump.items():
+            gone = {(r, RT_PROTO) for r in deleted if r.family == family}
+            if gone:
+                dump[:] = [entry for entry in dump if entry not in gone]
+            have = set(dump)
+            for rule in added:
+                if rule.family == family and (rule, RT_PROTO) not in have:
+                    have.add((rule, RT_PROTO))
+                    dump.append((rule, RT_PROTO))
+        for rule in deleted:
+            self._index_rule(rule, False)
+        for rule in added:
+            self._index_rule(rule, True)
 
-    def del_rule(self, rule: Rule) -> None:
-        self.request(f"delete {rule}", RTM_DELRULE, 0, rule_message(rule), ok=(errno.ENOENT,))
-        self._index_rule(rule, False)
+    def add_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        self._touched.update(r.table for r in routes)
+        return super().add_routes(routes)
 
-    def add_route(self, route: Route) -> None:
-        self._touched.add(route.table)
-        super().add_route(route)
-
-    def del_route(self, route: Route) -> None:
-        self._touched.add(route.table)
-        super().del_route(route)
+    def del_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        self._touched.update(r.table for r in routes)
+        return super().del_routes(routes)
 
     def _route_index(self) -> Dict[int, Set[Route]]:
         if self.forget_routes or self._routes_by_table is None:
             self.forget_routes = False
             self._foreign = None  # (its tables holding foreign routes are asked lazily and kept)
             self._touched = set()
-            index: Dict[int, Set[Route]] = {}
-            for route in super().our_routes():
-                index.setdefault(route.table, set()).add(route)
-            self._routes_by_table = index
+            self._routes_by_table = self._index_routes(super().our_routes())
+        elif len(self._touched) > TABLES_READ_ONE_BY_ONE:  # many changed (a full reconcile): one dump
+            self._touched = set()
+            self._routes_by_table = self._index_routes(super().our_routes())
         elif self._touched:
             tables, self._touched = self._touched, set()
             for table in sorted(tables):
@@ -170,6 +180,13 @@ class _RememberingRtnl(Rtnl):
                 else:
                     self._routes_by_table.pop(table, None)
         return self._routes_by_table
+
+    @staticmethod
+    def _index_routes(routes: Iterable[Route]) -> Dict[int, Set[Route]]:
+        index: Dict[int, Set[Route]] = {}
+        for route in routes:
+            index.setdefault(route.table, set()).add(route)
+        return index
 
     def our_routes(self) -> Set[Route]:
         return {route for routes in self._route_index().values() for route in routes}

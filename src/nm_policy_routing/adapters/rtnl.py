@@ -3,8 +3,8 @@
 The engine's hot path, without pyroute2: importing pyroute2 costs ~80-400 ms and ~20 MB,
 and it spends ~0.85 ms building each message and runs an asyncio loop per request;
 here a message is a few ``struct.pack`` calls and a request one ``send`` + one ``recv``.
-Many requests can go out on the socket at once, then the ACKs are collected
-(:meth:`Rtnl.batch`). Dumps of routes are filtered by the kernel (strict checking:
+Many requests go out in one ``send``, and the kernel answers only the failures and the
+last request (:meth:`Rtnl.batch`): ``add_rules`` & co. report each entry's error. Dumps of routes are filtered by the kernel (strict checking:
 protocol, table); rule dumps cannot be filtered and are decoded cheaply.
 
 Same contract as :class:`.netlink.Netlink` for the reconcile loop (which tags what is
@@ -18,7 +18,7 @@ import errno
 import os
 import _socket as socket  # the C module: socket.py's enums cost the hook ~4 ms at every event
 import struct
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, Route, Rule
@@ -28,6 +28,11 @@ NETLINK_ROUTE, SOL_NETLINK, NETLINK_GET_STRICT_CHK = 0, 270, 12
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
+NETLINK_CAP_ACK, NETLINK_EXT_ACK, NLM_F_CAPPED, NLM_F_ACK_TLVS, NLMSGERR_ATTR_MSG = 10, 11, 0x100, 0x200, 1
+#: requests sent at once: the answers to a window's failures must fit the socket's receive buffer
+WINDOW = 128
+#: foreign routes are looked up table by table this many times in one reconcile, then all at once
+TABLES_ASKED_ONE_BY_ONE = 8
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 20, 21, 22
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
@@ -174,10 +179,11 @@ class Rtnl:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        try:  # the kernel then filters route dumps by protocol and table itself
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-        except OSError:
-            pass  # old kernel: the filter below does it
+        for option in (NETLINK_GET_STRICT_CHK, NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+            try:  # the kernel filters route dumps by protocol and table itself; errors say why, briefly
+                self.sock.setsockopt(SOL_NETLINK, option, 1)
+            except OSError:
+                pass  # old kernel: the filter below does it; errors are plain
         self.sock.bind((0, 0))
         self._seq = 0
         self._rule_dump: Dict[int, List[Tuple[Rule, int]]] = {}
@@ -216,31 +222,27 @@ class Rtnl:
                     return out
                 out.append((kind, payload))
 
-    def batch(self, requests: Sequence[Tuple[int, int, bytes]]) -> List[int]:
-        """Send every (type, flags, body) request at once, then collect the ACKs: errno per request
-        (0 = done). Requests are processed by the kernel in order."""
-        seqs, chunk = [], b""
-        for msg_type, flags, body in requests:
-            seq = self._next_seq()
-            seqs.append(seq)
-            chunk += _HDR.pack(16 + len(body), msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
-            if len(chunk) > 32768:
-                self.sock.send(chunk)
-                chunk = b""
-        if chunk:
-            self.sock.send(chunk)
-        codes: Dict[int, int] = {}
-        wanted = set(seqs)
-        while wanted - codes.keys():
-            for kind, _flags, seq, payload in _messages(self.sock.recv(1 << 20)):
-                if kind == NLMSG_ERROR and seq in wanted:
-                    codes[seq] = -struct.unpack_from("=i", payload)[0]
-        return [codes[s] for s in seqs]
+    def batch(self, requests: Sequence[Tuple[int, int, bytes]]) -> List[Tuple[int, str]]:
+        """Send the (type, flags, body) requests a window at a time, one ``send`` each: (errno,
+        the kernel's explanation) per request, (0, "") where done. The kernel processes them in
+        order and answers only failures, and the ACK asked of a window's last request."""
+        out: List[Tuple[int, str]] = []
+        for start in range(0, len(requests), WINDOW):
+            out += self._window(requests[start:start + WINDOW])
+        return out
 
-    def request(self, what: str, msg_type: int, flags: int, body: bytes, ok: Tuple[int, ...] = ()) -> None:
-        code = self.batch([(msg_type, flags, body)])[0]
-        if code and code not in ok:
-            raise _error(what, code)
+    def _window(self, requests: Sequence[Tuple[int, int, bytes]]) -> List[Tuple[int, str]]:
+        seqs = [self._next_seq() for _ in requests]
+        last = seqs[-1]
+        self.sock.send(b"".join(
+            _HDR.pack(16 + len(body), kind, flags | NLM_F_REQUEST | (NLM_F_ACK if seq == last else 0), seq, 0) + body
+            for seq, (kind, flags, body) in zip(seqs, requests)))
+        answers: Dict[int, Tuple[int, str]] = {}
+        while last not in answers:
+            for kind, flags, seq, payload in _messages(self.sock.recv(1 << 20)):
+                if kind == NLMSG_ERROR and len(payload) >= 4:
+                    answers[seq] = (-struct.unpack_from("=i", payload)[0], _ext_ack(flags, payload))
+        return [answers.get(seq, (0, "")) for seq in seqs]
 
     # ---- reading -------------------------------------------------------
 
@@ -272,6 +274,19 @@ class Rtnl:
 
     def our_routes(self) -> Set[Route]:
         return {r for f in (4, 6) for r, _ in self._routes(f, proto=RT_PROTO)}
+
+    def tables_with_foreign_routes(self) -> Set[int]:
+        """Every table holding a route that is not ours: one dump of all routes, headers read only."""
+        out: Set[int] = set()
+        for family in (4, 6):
+            for kind, payload in self.dump(RTM_GETROUTE, _RTMSG.pack(AF[family], 0, 0, 0, 0, 0, 0, 0, 0)):
+                if kind != RTM_NEWROUTE or payload[5] == RT_PROTO:  # rtm_protocol
+                    continue
+                table = payload[4]  # rtm_table; tables past 255 only in RTA_TABLE
+                if table == RT_TABLE_COMPAT and RTA_TABLE in (attrs := _attrs(payload, _RTMSG.size)):
+                    table = struct.unpack("=I", attrs[RTA_TABLE])[0]
+                out.add(table)
+        return out
 
     def table_has_foreign_routes(self, table: int) -> bool:
         return any(proto != RT_PROTO for f in (4, 6) for _, proto in self._routes(f, table=table))
@@ -343,45 +358,93 @@ class Rtnl:
 
     # ---- writing -------------------------------------------------------
 
-    def add_rule(self, rule: Rule) -> None:
-        self._rule_dump.clear()
-        self.request(f"add {rule}", RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_message(rule), ok=(errno.EEXIST,))
+    def add_rules(self, rules: Sequence[Rule]) -> List[Optional[Exception]]:
+        """Add many rules in one batch (an identical rule already there is fine): each one's error."""
+        errors = self._each("add", rules, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_message, (errno.EEXIST,))
+        self.rules_changed([r for r, e in zip(rules, errors) if e is None], [])
+        return errors
 
-    def del_rule(self, rule: Rule) -> None:
-        self._rule_dump.clear()
-        self.request(f"delete {rule}", RTM_DELRULE, 0, rule_message(rule), ok=(errno.ENOENT,))
+    def del_rules(self, rules: Sequence[Rule]) -> List[Optional[Exception]]:
+        """Delete many of our rules in one batch (one already gone is fine): each one's error."""
+        errors = self._each("delete", rules, RTM_DELRULE, 0, rule_message, (errno.ENOENT,))
+        self.rules_changed([], [r for r, e in zip(rules, errors) if e is None])
+        return errors
 
-    def add_route(self, route: Route) -> None:
-        index = _ifindex(route.oif)
-        if index is None:
-            raise KernelError(f"cannot install {route}: interface {route.oif} does not exist")
-        self.request(f"add {route}", RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, route_message(route, index))
+    def rules_changed(self, added: Sequence[Rule], deleted: Sequence[Rule]) -> None:
+        """Our rules changed: forget the rule dump (the resident kernel updates it instead)."""
+        if added or deleted:
+            self._rule_dump.clear()
 
-    def del_route(self, route: Route) -> None:
-        index = _ifindex(route.oif)
-        if index is None:  # the link is gone, and its routes with it
-            return
-        self.request(f"delete {route}", RTM_DELROUTE, 0, route_message(route, index),
-                     ok=(errno.ESRCH, errno.ENOENT))
+    def add_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        """Add (replace) many routes in one batch: each one's error."""
+        return self._each("add", routes, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, None, ())
+
+    def del_routes(self, routes: Sequence[Route]) -> List[Optional[Exception]]:
+        """Delete many of our routes in one batch (one already gone, with its link or not, is fine)."""
+        return self._each("delete", routes, RTM_DELROUTE, 0, None, (errno.ESRCH, errno.ENOENT))
+
+    def _each(self, verb: str, entries: Sequence, msg_type: int, flags: int,
+              message: Optional[Callable[[Rule], bytes]], ok: Tuple[int, ...]) -> List[Optional[Exception]]:
+        """One batch for ``entries`` (rules with ``message``, else routes by their interface's index):
+        the error of each, None where done."""
+        errors: List[Optional[Exception]] = [None] * len(entries)
+        requests, sent = [], []
+        indexes: Dict[str, Optional[int]] = {}
+        for i, entry in enumerate(entries):
+            if message is not None:
+                body = message(entry)
+            else:
+                if entry.oif not in indexes:
+                    indexes[entry.oif] = _ifindex(entry.oif)
+                index = indexes[entry.oif]
+                if index is None:  # deleting: the link is gone, and its routes with it
+                    if verb == "add":
+                        errors[i] = KernelError(f"cannot install {entry}: interface {entry.oif} does not exist")
+                    continue
+                body = route_message(entry, index)
+            requests.append((msg_type, flags, body))
+            sent.append(i)
+        for i, (code, why) in zip(sent, self.batch(requests)):
+            if code and code not in ok:
+                errors[i] = _error(f"{verb} {entries[i]}", code, why)
+        return errors
 
 
 class _ForeignTables:
     """``table in tables``: does the kernel hold routes that are not ours in it? Asked per table
-    (a dump the kernel filters), remembered for one reconcile."""
+    (a dump the kernel filters), remembered for one reconcile; past a few tables (a reconcile
+    from scratch probes one per connection), one dump of every route answers all."""
 
     def __init__(self, rtnl: Rtnl) -> None:
         self._rtnl = rtnl
         self._known: Dict[int, bool] = {}
+        self._all: Optional[Set[int]] = None
 
     def __contains__(self, table: object) -> bool:
         if not isinstance(table, int) or table in _RESERVED_TABLES:
             return False
+        if self._all is not None:
+            return table in self._all
+        if len(self._known) >= TABLES_ASKED_ONE_BY_ONE:
+            self._all = self._rtnl.tables_with_foreign_routes()
+            return table in self._all
         if table not in self._known:
             self._known[table] = self._rtnl.table_has_foreign_routes(table)
         return self._known[table]
 
 
-def _error(what: str, code: int) -> Exception:
+def _ext_ack(flags: int, payload: bytes) -> str:
+    """The kernel's own words about an error (NETLINK_EXT_ACK), or ''."""
+    if not flags & NLM_F_ACK_TLVS or len(payload) < 20:
+        return ""
+    length = struct.unpack_from("=I", payload, 4)[0]  # the request echoed: its header only (NETLINK_CAP_ACK)
+    offset = 4 + (16 if flags & NLM_F_CAPPED else length)
+    text = _attrs(payload, offset).get(NLMSGERR_ATTR_MSG, b"")
+    return text.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _error(what: str, code: int, why: str = "") -> Exception:
     if code == errno.EPERM:
         return NotPermittedError(f"cannot {what}: not permitted (needs root or CAP_NET_ADMIN)")
-    return KernelError(f"the kernel refused to {what}: {os.strerror(code)}")
+    return KernelError(f"the kernel refused to {what}: {os.strerror(code)}{f' ({why})' if why else ''}")
+
