@@ -310,6 +310,7 @@ class Daemon:
         nm = await NetworkManagerBus().connect()
         try:
             nm.on_message(self._on_message)
+            await nm.remember()  # profiles' user data kept between their edits: one round trip less per event
             await nm.add_match(f"type='signal',sender='{NM}'")
             await nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
                                f"arg0='{NM}'")

@@ -52,26 +52,27 @@ class Targeted:
         self._rtnl = None  # for the address check, in the loop's thread
         self.scoped = Scoped(engine)
 
-    async def _device_active(self, iface: str) -> Optional[str]:
-        """The active connection on the device of ``iface`` (the device's path remembered)."""
+    async def _device_active(self, iface: str) -> Tuple[Optional[str], Optional[str], Dict]:
+        """(the active connection on the device of ``iface``, the device's path, its properties);
+        the device's path is remembered."""
         for attempt in (0, 1):
             device = self._devices.get(iface)
             try:
                 if device is None:
                     device = self._devices[iface] = \
                         (await self.nm.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
-                value = (await self.nm.call(device, PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
+                props = await self.nm.props(device, DEVICE)
                 break
             except NetworkManagerError:
                 self._devices.pop(iface, None)  # gone, or another device now: ask again once
                 if attempt:
-                    return None  # no such device (a VPN's tunnel may have none)
-        path = getattr(value, "value", value)
-        return path if path and path != "/" else None
+                    return None, None, {}  # no such device (a VPN's tunnel may have none)
+        path = props.get("ActiveConnection")
+        return (path if path and path != "/" else None), device, props
 
-    async def _facts(self, path: str, uuid: Optional[str], device: Optional[str] = None
-                     ) -> Optional[Tuple[Connection, int]]:
-        found = await self.nm.facts(path, device_config=True, device_hint=device)
+    async def _facts(self, path: str, uuid: Optional[str], device: Optional[str] = None,
+                     device_props: Optional[Dict] = None) -> Optional[Tuple[Connection, int]]:
+        found = await self.nm.facts(path, device_config=True, device_hint=device, device_props=device_props)
         if found and (uuid is None or found[0].uuid == uuid):
             self._paths[found[0].uuid] = path
             self._seen[path] = (found[0].uuid, found[0].iface)
@@ -79,20 +80,26 @@ class Targeted:
         return None
 
     async def find(self, request: Request, scan: bool) -> Optional[Tuple[Connection, int]]:
-        """(facts, state) of the active connection ``request`` names; None if it is not active."""
+        """(facts, state) of the active connection ``request`` names; None if it is not active.
+
+        The usual case takes one round trip to NetworkManager: the active connection this UUID
+        last had (learnt from its signals or an earlier event), its device and the IP
+        configurations the device last had, asked together; the profile's user data is
+        remembered between edits (NetworkManagerBus.remember). A new activation not yet seen
+        takes two: the device of the interface (its active connection and IP configurations),
+        then that connection with them."""
         tried = set()
-        known = self._paths.get(request.uuid)  # the usual case after pre-up: one round trip less
+        known = self._paths.get(request.uuid)
         if known:
             tried.add(known)
             found = await self._facts(known, request.uuid, self._devices.get(request.iface))
             if found and found[1] in (ACTIVATING, ACTIVATED):  # else it may be active again elsewhere
                 return found
-        on_device = await self._device_active(request.iface)
+        on_device, device, props = await self._device_active(request.iface)
         for path in (on_device, self._paths.get(request.uuid)):
             if path and path not in tried:
                 tried.add(path)
-                device = self._devices.get(request.iface) if path == on_device else None
-                found = await self._facts(path, request.uuid, device)
+                found = await self._facts(path, request.uuid, *((device, props) if path == on_device else ()))
                 if found:
                     return found
         if not scan:
@@ -144,17 +151,41 @@ class Targeted:
     async def _engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def active(self, request: Request) -> bool:
+        """Does NetworkManager report the connection ``request`` names active (activating or
+        activated) — for a queued ``down``, which must then keep its policy. One round trip:
+        the active connection it last had and the device of its interface, asked together."""
+        async def names_it(path: Optional[str]) -> bool:
+            try:
+                props = await self.nm.props(path, ACTIVE) if path else {}
+            except NetworkManagerError:
+                return False  # gone
+            return props.get("Uuid") == request.uuid and int(props.get("State", 0)) in (ACTIVATING, ACTIVATED)
+
+        known = self._paths.get(request.uuid)
+        was_known, (on_device, _, _) = await asyncio.gather(names_it(known), self._device_active(request.iface))
+        if was_known:
+            return True
+        if on_device and on_device != known and await names_it(on_device):
+            self._paths[request.uuid] = on_device  # (the next event's hint)
+            return True
+        return False
+
     async def handle(self, request: Request) -> Tuple[str, str]:
-        """Act on one event; (verdict, text) for the hook: ok, error or fallback."""
+        """Act on one event; (verdict, text) for the hook: ok, error or fallback. A ``pre-down``
+        removes without asking NetworkManager (it says nothing a ``pre-down`` depends on)."""
         try:
-            found = await self.find(request, scan=request.action in ENSURE)
+            if request.action in ENSURE:
+                found = await self.find(request, scan=True)
+            else:
+                again = request.action in ("down", "vpn-down") and await self.active(request)
         except NetworkManagerError as exc:
             log.warning("%s: NetworkManager is not reachable (%s); the hook acts itself", request, exc)
             return "fallback", f"NetworkManager is not reachable: {exc}"
         try:
             if request.action in ENSURE:
                 return await self._ensure(request, found)
-            return await self._remove(request, found)
+            return await self._remove(request, again)
         except PolicyRoutingError as exc:
             log.error("%s: %s", request, exc)
             return "error", str(exc)
@@ -189,8 +220,8 @@ class Targeted:
         return ("error", f"{text}: {errors[0]}") if status in ("error", "conflict", "invalid") and errors \
             else ("ok", text)
 
-    async def _remove(self, request: Request, found: Optional[Tuple[Connection, int]]) -> Tuple[str, str]:
-        if found is not None and found[1] in (ACTIVATING, ACTIVATED) and request.action in ("down", "vpn-down"):
+    async def _remove(self, request: Request, active_again: bool) -> Tuple[str, str]:
+        if active_again:
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
         result = await self._engine(self._remove_one, request.uuid)
         tell(result, why=request.action)
@@ -258,7 +289,7 @@ class Targeted:
             if path in self._seen:
                 uuid, iface = self._seen.pop(path)
                 request = Request("down", iface or "lo", uuid)
-                await self._remove(request, await self.find(request, scan=False))
+                await self._remove(request, await self.active(request))
             return
         conn, state = found
         await self._learn_configs(path)
@@ -269,7 +300,7 @@ class Targeted:
         elif state in (DEACTIVATING, DEACTIVATED):
             self._seen.pop(path, None)
             self._drop_configs(path)
-            await self._remove(request, found)
+            await self._remove(request, False)
 
     def _drop_configs(self, path: str) -> None:
         for config in [c for c, owner in self._configs.items() if owner == path]:

@@ -63,6 +63,11 @@ def _config(active: Dict[str, Any], device: Dict[str, Any], key: str) -> str:
     return path if path != "/" else device.get(key) or "/"
 
 
+def _hints(device: Dict[str, Any]) -> Tuple[str, ...]:
+    """A device's IP configurations' paths (those it has)."""
+    return tuple(p for p in (device.get("Ip4Config"), device.get("Ip6Config")) if p and p != "/")
+
+
 async def _nothing() -> Dict[str, str]:
     return {}
 
@@ -72,6 +77,12 @@ class NetworkManagerBus:
 
     def __init__(self) -> None:
         self.bus = None
+        #: with remember() (the daemon): settings path -> the profile's user data, kept until
+        #: NetworkManager signals an edit; device path -> its last IP configurations' paths (hints,
+        #: read with the connection and used only if it names them). None: everything read anew.
+        self._profiles: Optional[Dict[str, Dict[str, str]]] = None
+        self._configs: Dict[str, Tuple[str, ...]] = {}
+        self._edits = 0  # how many edits were signalled (a reply started before one is not kept)
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> "NetworkManagerBus":
         _no_glib()
@@ -162,6 +173,36 @@ class NetworkManagerBus:
     def on_message(self, handler: Callable[[Any], None]) -> None:
         self.bus.add_message_handler(handler)
 
+    async def remember(self) -> None:
+        """Keep each profile's user data until NetworkManager signals that it changed
+        (Settings.Connection ``Updated``/``Removed``) or restarts, so an event needs no
+        GetSettings round trip. Sound because one sender's messages arrive in order: the
+        signals NetworkManager sent before answering a call are handled (synchronously, by
+        dbus-next's reader) before the caller resumes with the answer, so what is kept after
+        a reply of NetworkManager reflects every edit it had made by then; an answer to
+        GetSettings that started before an edit was signalled is used once, not kept."""
+        self._profiles = {}
+        self.on_message(self._on_edit)
+        await self.add_match(f"type='signal',sender='{NM}',interface='{SETTINGS_CONN}'")
+        await self.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                             f"arg0='{NM}'")
+
+    def _on_edit(self, msg: Any) -> None:
+        if msg.interface == SETTINGS_CONN and msg.member in ("Updated", "Removed"):
+            self.forget(msg.path)
+        elif msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == NM:
+            self.forget()  # its object paths mean other things now
+
+    def forget(self, settings_path: Optional[str] = None) -> None:
+        """Drop what is remembered of one profile (None: of all, and the devices' hints)."""
+        self._edits += 1
+        if self._profiles is not None:
+            if settings_path is None:
+                self._profiles.clear()
+                self._configs.clear()
+            else:
+                self._profiles.pop(settings_path, None)
+
     # ---- connections ---------------------------------------------------
 
     async def starting_up(self) -> bool:
@@ -176,17 +217,32 @@ class NetworkManagerBus:
         return _plain(body[0])
 
     async def user_data(self, settings_path: str) -> Dict[str, str]:
+        """The profile's user data; remembered (remember()) only if asked after a reply of
+        NetworkManager for the same event (facts() asks after the active connection's)."""
+        kept = self._profiles
+        if kept is not None and settings_path in kept:
+            return dict(kept[settings_path])
+        edits = self._edits
         settings = await self.settings(settings_path)
-        return dict(settings.get("user", {}).get("data", {}))
+        data = dict(settings.get("user", {}).get("data", {}))
+        if kept is not None and edits == self._edits:  # no edit signalled meanwhile
+            kept[settings_path] = dict(data)
+        return data
 
-    async def _ip(self, path: str, prefix_key: str = "prefix") -> Tuple[List[Address], Optional[str]]:
+    async def _ip_props(self, path: str) -> Optional[Dict[str, Any]]:
+        try:
+            return await self.props(path, NM + (".IP6Config" if "IP6Config" in path else ".IP4Config"))
+        except NetworkManagerError:
+            return None
+
+    async def _ip(self, path: str, read: Mapping[str, Optional[Dict[str, Any]]]
+                  ) -> Tuple[List[Address], Optional[str]]:
         if not path or path == "/":
             return [], None
-        try:
-            props = await self.props(path, NM + (".IP6Config" if "IP6Config" in path else ".IP4Config"))
-        except NetworkManagerError:
+        props = read[path] if path in read else await self._ip_props(path)
+        if props is None:
             return [], None
-        addrs = [Address.parse(f"{a['address']}/{a[prefix_key]}") for a in props.get("AddressData", [])]
+        addrs = [Address.parse(f"{a['address']}/{a['prefix']}") for a in props.get("AddressData", [])]
         return addrs, real_gateway(props.get("Gateway"))
 
     async def _vpn_interface(self, ip4: str, ip6: str) -> str:
@@ -209,21 +265,27 @@ class NetworkManagerBus:
                 return dev.get("IpInterface") or dev.get("Interface") or ""
         return ""
 
-    async def facts(self, active_path: str, device_config: bool = False,
-                    device_hint: Optional[str] = None) -> Optional[Tuple[Connection, int]]:
+    async def facts(self, active_path: str, device_config: bool = False, device_hint: Optional[str] = None,
+                    device_props: Optional[Dict[str, Any]] = None) -> Optional[Tuple[Connection, int]]:
         """The planner's view of one active connection, with its state; None if it vanished.
 
         ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
         take its device's (for one event about this connection, whose addresses the caller
         checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
-        (read at the same time as the connection)."""
+        (read at the same time as the connection, unless the caller read it: ``device_props``).
+        With remember(), the IP configurations the device last had are read in the same round
+        trip, and their answers used only if the connection (or its device) names them."""
+        hints = _hints(device_props) if device_props is not None else self._configs.get(device_hint or "", ())
         try:  # independent calls go out together: each round trip waits for two other processes
-            if device_hint:
-                active, hinted = await asyncio.gather(self.props(active_path, ACTIVE), self.props(device_hint, DEVICE))
-            else:
-                active, hinted = await self.props(active_path, ACTIVE), {}
+            calls = [self.props(active_path, ACTIVE)]
+            if device_hint and device_props is None:
+                calls.append(self.props(device_hint, DEVICE))
+            replies = await asyncio.gather(*calls, *(self._ip_props(p) for p in hints))
         except NetworkManagerError:
             return None
+        active = replies[0]
+        hinted = device_props if device_props is not None else replies[1] if device_hint else {}
+        read = dict(zip(hints, replies[len(calls):]))
         if active.get("Vpn"):  # its Devices list its parent: never borrow the parent's configuration
             iface, dev = await self._vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/")), {}
         else:
@@ -236,8 +298,13 @@ class NetworkManagerBus:
         # on pre-up the active connection shows no IP configuration yet ("/"), its device does
         # (and the kernel holds it)
         borrow = dev if device_config else {}
+        config4, config6 = _config(active, borrow, "Ip4Config"), _config(active, borrow, "Ip6Config")
+        if self._profiles is not None and device_hint and dev is hinted:
+            if len(self._configs) > 1024:  # devices come and go (each with a new path): stay bounded
+                self._configs.clear()
+            self._configs[device_hint] = tuple(p for p in (config4, config6) if p != "/")
         (addr4, gw4), (addr6, gw6), user = await asyncio.gather(
-            self._ip(_config(active, borrow, "Ip4Config")), self._ip(_config(active, borrow, "Ip6Config")),
+            self._ip(config4, read), self._ip(config6, read),
             self.user_data(active["Connection"]) if active.get("Connection") else _nothing())
         conn = Connection(
             uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
