@@ -46,14 +46,18 @@ def _no_glib() -> None:
 
 def _plain(value: Any) -> Any:
     """Variants -> plain Python values, recursively."""
-    from dbus_next import Variant
+    from dbus_next import Variant  # (once per reply: a GetAll holds thousands of values)
 
-    if isinstance(value, Variant):
-        return _plain(value.value)
+    return _unwrap(value, Variant)
+
+
+def _unwrap(value: Any, variant: type) -> Any:
+    if isinstance(value, variant):
+        return _unwrap(value.value, variant)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _unwrap(v, variant) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_unwrap(v, variant) for v in value]
     return value
 
 
