@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
@@ -46,9 +47,15 @@ class Targeted:
         self._seen: Dict[str, Tuple[str, str]] = {}
         #: IP4Config/IP6Config path -> the active connection path it belongs to
         self._configs: Dict[str, str] = {}
+        #: active connections whose pre-down removed the policy: NetworkManager is taking them down,
+        #: a signal that still shows them activated must not install it again
+        self._leaving: Dict[str, None] = {}
         #: active connection paths with a signal not yet acted on (bursts collapse)
         self._pending: Dict[str, None] = {}
         self._busy = False
+        #: UUID -> when the event last acted on it started reading NetworkManager (monotonic), set by
+        #: the engine job: a full re-sync whose snapshot is older keeps what that event did
+        self.decided: Dict[str, float] = {}
         self._rtnl = None  # for the address check, in the loop's thread
         self.scoped = Scoped(engine)
 
@@ -141,12 +148,23 @@ class Targeted:
         held = self._kernel().addresses(conn.iface)
         return [f"{a.ip}/{a.prefixlen}" for a in conn.addresses if a.ip not in held]
 
-    def _ensure_one(self, conn: Connection):
+    def _ensure_one(self, conn: Connection, since: float):
         """In the engine thread: the one-connection reconcile, else the full one."""
-        return self.scoped.ensure(conn) or self.engine.ensure(conn)
+        try:
+            return self.scoped.ensure(conn) or self.engine.ensure(conn)
+        finally:
+            self._decided(conn.uuid, since)
 
-    def _remove_one(self, uuid: str):
-        return self.scoped.remove(uuid) or self.engine.remove(uuid)
+    def _remove_one(self, uuid: str, since: float):
+        try:
+            return self.scoped.remove(uuid) or self.engine.remove(uuid)
+        finally:
+            self._decided(uuid, since)
+
+    def _decided(self, uuid: str, since: float) -> None:
+        if len(self.decided) > 1024:  # only the recent ones matter (a re-sync's snapshot takes seconds)
+            self.decided = {u: t for u, t in self.decided.items() if t > since - 60}
+        self.decided[uuid] = max(since, self.decided.get(uuid, since))
 
     async def _engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -174,6 +192,7 @@ class Targeted:
     async def handle(self, request: Request) -> Tuple[str, str]:
         """Act on one event; (verdict, text) for the hook: ok, error or fallback. A ``pre-down``
         removes without asking NetworkManager (it says nothing a ``pre-down`` depends on)."""
+        since = time.monotonic()
         try:
             if request.action in ENSURE:
                 found = await self.find(request, scan=True)
@@ -184,13 +203,17 @@ class Targeted:
             return "fallback", f"NetworkManager is not reachable: {exc}"
         try:
             if request.action in ENSURE:
-                return await self._ensure(request, found)
-            return await self._remove(request, again)
+                return await self._ensure(request, found, since)
+            return await self._remove(request, again, since)
         except PolicyRoutingError as exc:
             log.error("%s: %s", request, exc)
             return "error", str(exc)
 
-    async def _ensure(self, request: Request, found: Optional[Tuple[Connection, int]]) -> Tuple[str, str]:
+    async def _ensure(self, request: Request, found: Optional[Tuple[Connection, int]], since: float,
+                      signalled: Optional[str] = None) -> Tuple[str, str]:
+        """``since``: when reading the facts started. ``signalled``: the active connection's path,
+        for a signal about it (not acted on if its pre-down came meanwhile: checked where nothing
+        can come between the check and the engine)."""
         if found is None or found[1] not in (ACTIVATING, ACTIVATED):
             return "ok", f"{request}: stale (the connection is no longer active), ignored"
         conn = found[0]
@@ -211,7 +234,9 @@ class Targeted:
             if not held:
                 return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
             conn = replace(conn, addresses=held)
-        result = await self._engine(self._ensure_one, conn)
+        if signalled in self._leaving:
+            return "ok", f"{request}: its pre-down came meanwhile, nothing installed"
+        result = await self._engine(self._ensure_one, conn, since)
         tell(result, why=request.action)
         cp = result.plan_of(conn.uuid)
         errors = list(cp.errors) if cp else []
@@ -220,12 +245,16 @@ class Targeted:
         return ("error", f"{text}: {errors[0]}") if status in ("error", "conflict", "invalid") and errors \
             else ("ok", text)
 
-    async def _remove(self, request: Request, active_again: bool) -> Tuple[str, str]:
+    async def _remove(self, request: Request, active_again: bool, since: float) -> Tuple[str, str]:
         if active_again:
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
-        result = await self._engine(self._remove_one, request.uuid)
+        leaving = self._paths.pop(request.uuid, None)
+        if leaving and request.action.endswith("pre-down"):
+            if len(self._leaving) > 1024:  # (each is dropped when it goes; stay bounded if not)
+                self._leaving.clear()
+            self._leaving[leaving] = None
+        result = await self._engine(self._remove_one, request.uuid, since)
         tell(result, why=request.action)
-        self._paths.pop(request.uuid, None)
         return "ok", f"{request.action}: removed the policy of {request.uuid}"
 
     # ---- NetworkManager's signals ------------------------------------------
@@ -272,6 +301,7 @@ class Targeted:
             self._busy = False
 
     async def _on_signal(self, path: str) -> None:
+        since = time.monotonic()
         if path.startswith("device:"):
             try:
                 value = (await self.nm.call(path[7:], PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
@@ -286,21 +316,26 @@ class Targeted:
             found = None
         if found is None:  # the active connection is gone: remove its policy unless it is active again
             self._drop_configs(path)
+            self._leaving.pop(path, None)
             if path in self._seen:
                 uuid, iface = self._seen.pop(path)
                 request = Request("down", iface or "lo", uuid)
-                await self._remove(request, await self.active(request))
+                await self._remove(request, await self.active(request), since)
             return
         conn, state = found
+        if path in self._leaving:
+            if state in (ACTIVATING, ACTIVATED):
+                return  # after its pre-down (a signal of before, or of the teardown): nothing to install
+            self._leaving.pop(path, None)
         await self._learn_configs(path)
         request = Request("up" if state in (ACTIVATING, ACTIVATED) else "down", conn.iface or "lo", conn.uuid)
         if state == ACTIVATED:
-            text = (await self._ensure(request, found))[1]
+            text = (await self._ensure(request, found, since, signalled=path))[1]
             log.debug("%s", text)
         elif state in (DEACTIVATING, DEACTIVATED):
             self._seen.pop(path, None)
             self._drop_configs(path)
-            await self._remove(request, False)
+            await self._remove(request, False, since)
 
     def _drop_configs(self, path: str) -> None:
         for config in [c for c, owner in self._configs.items() if owner == path]:
@@ -311,6 +346,7 @@ class Targeted:
         self._paths.clear()
         self._devices.clear()
         self._seen.clear()
+        self._leaving.clear()
         self._configs.clear()
 
     async def _learn_configs(self, path: str) -> None:
