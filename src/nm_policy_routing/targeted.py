@@ -212,8 +212,8 @@ class Targeted:
     async def _ensure(self, request: Request, found: Optional[Tuple[Connection, int]], since: float,
                       signalled: Optional[str] = None) -> Tuple[str, str]:
         """``since``: when reading the facts started. ``signalled``: the active connection's path,
-        for a signal about it (not acted on if its pre-down came meanwhile: checked where nothing
-        can come between the check and the engine)."""
+        for a signal about it (not acted on if its pre-down or a newer signal about it came
+        meanwhile: checked where nothing can come between the check and the engine)."""
         if found is None or found[1] not in (ACTIVATING, ACTIVATED):
             return "ok", f"{request}: stale (the connection is no longer active), ignored"
         conn = found[0]
@@ -236,6 +236,8 @@ class Targeted:
             conn = replace(conn, addresses=held)
         if signalled in self._leaving:
             return "ok", f"{request}: its pre-down came meanwhile, nothing installed"
+        if signalled in self._pending:  # (e.g. its deactivation): that signal's facts are newer
+            return "ok", f"{request}: a newer signal about it came meanwhile; acting on that one"
         result = await self._engine(self._ensure_one, conn, since)
         tell(result, why=request.action)
         cp = result.plan_of(conn.uuid)
