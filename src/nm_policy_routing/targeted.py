@@ -8,7 +8,9 @@ connection is found by UUID among NetworkManager's active connections (through t
 device of the named interface first: O(1); a full scan only when that fails, e.g. a
 VPN, whose device is its parent's). A ``down`` for a connection NetworkManager reports
 active again (a stale, queued event) removes nothing. A connection is ensured once
-ACTIVATED (or on the hook's ``pre-up``), never while its addresses may be incomplete.
+ACTIVATED (or on the hook's ``pre-up``), never while its addresses may be incomplete, nor
+by a signal once its ``pre-down`` came. What an event decides is stamped with when it
+began reading NetworkManager: a full re-sync whose snapshot is older keeps it (daemon.py).
 """
 
 from __future__ import annotations
