@@ -176,13 +176,13 @@ class Daemon:
             if await nm.starting_up():
                 log.info("NetworkManager is still starting up; waiting before re-syncing")
                 return
+            since = time.monotonic()
             conns = await nm.active_connections()
         except PolicyRoutingError as exc:
             log.error("cannot read NetworkManager's active connections: %s", exc)
             return
-        conns = await self.loop.run_in_executor(self.executor, self._keep_activating, conns)
         try:
-            result = await self.loop.run_in_executor(self.executor, self._reconcile_all, conns)
+            result = await self.loop.run_in_executor(self.executor, self._reconcile_all, conns, since)
         except PolicyRoutingError as exc:
             log.error("reconcile failed: %s", exc)
             return
@@ -201,7 +201,22 @@ class Daemon:
         return [known[c.uuid] if not c.addresses and c.uuid in known and known[c.uuid].addresses
                 and known[c.uuid].iface == c.iface else c for c in conns]
 
-    def _reconcile_all(self, conns):
+    def _newer_events(self, conns, since: float):
+        """A connection an event (the hook's or a signal's) acted on with facts read after this
+        re-sync's snapshot began: what that event recorded wins over the older snapshot (kept as
+        recorded; removed if it removed it) — else a pre-up could be undone by a snapshot taken
+        before the connection was active, or a pre-down by one taken before it went."""
+        decided = self.targeted.decided if self.targeted is not None else {}
+        newer = {uuid for uuid, when in decided.items() if when >= since}
+        if not newer:
+            return conns
+        known = self.engine.known()
+        return [c for c in conns if c.uuid not in newer] + [known[u] for u in sorted(newer) if u in known]
+
+    def _reconcile_all(self, conns, since: float):
+        """One engine job: an event's job (a pre-up) cannot come between what is kept of the
+        record and the reconcile that relies on it."""
+        conns = self._newer_events(self._keep_activating(conns), since)
         self.resident.forget_all()  # the safety net: everything read from the kernel again
         try:
             return self.engine.reconcile(conns)
@@ -310,6 +325,7 @@ class Daemon:
         nm = await NetworkManagerBus().connect()
         try:
             nm.on_message(self._on_message)
+            await nm.remember()  # profiles' user data kept between their edits: one round trip less per event
             await nm.add_match(f"type='signal',sender='{NM}'")
             await nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
                                f"arg0='{NM}'")

@@ -8,13 +8,16 @@ connection is found by UUID among NetworkManager's active connections (through t
 device of the named interface first: O(1); a full scan only when that fails, e.g. a
 VPN, whose device is its parent's). A ``down`` for a connection NetworkManager reports
 active again (a stale, queued event) removes nothing. A connection is ensured once
-ACTIVATED (or on the hook's ``pre-up``), never while its addresses may be incomplete.
+ACTIVATED (or on the hook's ``pre-up``), never while its addresses may be incomplete, nor
+by a signal once its ``pre-down`` came. What an event decides is stamped with when it
+began reading NetworkManager: a full re-sync whose snapshot is older keeps it (daemon.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
@@ -46,32 +49,39 @@ class Targeted:
         self._seen: Dict[str, Tuple[str, str]] = {}
         #: IP4Config/IP6Config path -> the active connection path it belongs to
         self._configs: Dict[str, str] = {}
+        #: active connections whose pre-down removed the policy: NetworkManager is taking them down,
+        #: a signal that still shows them activated must not install it again
+        self._leaving: Dict[str, None] = {}
         #: active connection paths with a signal not yet acted on (bursts collapse)
         self._pending: Dict[str, None] = {}
         self._busy = False
+        #: UUID -> when the event last acted on it started reading NetworkManager (monotonic), set by
+        #: the engine job: a full re-sync whose snapshot is older keeps what that event did
+        self.decided: Dict[str, float] = {}
         self._rtnl = None  # for the address check, in the loop's thread
         self.scoped = Scoped(engine)
 
-    async def _device_active(self, iface: str) -> Optional[str]:
-        """The active connection on the device of ``iface`` (the device's path remembered)."""
+    async def _device_active(self, iface: str) -> Tuple[Optional[str], Optional[str], Dict]:
+        """(the active connection on the device of ``iface``, the device's path, its properties);
+        the device's path is remembered."""
         for attempt in (0, 1):
             device = self._devices.get(iface)
             try:
                 if device is None:
                     device = self._devices[iface] = \
                         (await self.nm.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
-                value = (await self.nm.call(device, PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
+                props = await self.nm.props(device, DEVICE)
                 break
             except NetworkManagerError:
                 self._devices.pop(iface, None)  # gone, or another device now: ask again once
                 if attempt:
-                    return None  # no such device (a VPN's tunnel may have none)
-        path = getattr(value, "value", value)
-        return path if path and path != "/" else None
+                    return None, None, {}  # no such device (a VPN's tunnel may have none)
+        path = props.get("ActiveConnection")
+        return (path if path and path != "/" else None), device, props
 
-    async def _facts(self, path: str, uuid: Optional[str], device: Optional[str] = None
-                     ) -> Optional[Tuple[Connection, int]]:
-        found = await self.nm.facts(path, device_config=True, device_hint=device)
+    async def _facts(self, path: str, uuid: Optional[str], device: Optional[str] = None,
+                     device_props: Optional[Dict] = None) -> Optional[Tuple[Connection, int]]:
+        found = await self.nm.facts(path, device_config=True, device_hint=device, device_props=device_props)
         if found and (uuid is None or found[0].uuid == uuid):
             self._paths[found[0].uuid] = path
             self._seen[path] = (found[0].uuid, found[0].iface)
@@ -79,20 +89,26 @@ class Targeted:
         return None
 
     async def find(self, request: Request, scan: bool) -> Optional[Tuple[Connection, int]]:
-        """(facts, state) of the active connection ``request`` names; None if it is not active."""
+        """(facts, state) of the active connection ``request`` names; None if it is not active.
+
+        The usual case takes one round trip to NetworkManager: the active connection this UUID
+        last had (learnt from its signals or an earlier event), its device and the IP
+        configurations the device last had, asked together; the profile's user data is
+        remembered between edits (NetworkManagerBus.remember). A new activation not yet seen
+        takes two: the device of the interface (its active connection and IP configurations),
+        then that connection with them."""
         tried = set()
-        known = self._paths.get(request.uuid)  # the usual case after pre-up: one round trip less
+        known = self._paths.get(request.uuid)
         if known:
             tried.add(known)
             found = await self._facts(known, request.uuid, self._devices.get(request.iface))
             if found and found[1] in (ACTIVATING, ACTIVATED):  # else it may be active again elsewhere
                 return found
-        on_device = await self._device_active(request.iface)
+        on_device, device, props = await self._device_active(request.iface)
         for path in (on_device, self._paths.get(request.uuid)):
             if path and path not in tried:
                 tried.add(path)
-                device = self._devices.get(request.iface) if path == on_device else None
-                found = await self._facts(path, request.uuid, device)
+                found = await self._facts(path, request.uuid, *((device, props) if path == on_device else ()))
                 if found:
                     return found
         if not scan:
@@ -134,32 +150,72 @@ class Targeted:
         held = self._kernel().addresses(conn.iface)
         return [f"{a.ip}/{a.prefixlen}" for a in conn.addresses if a.ip not in held]
 
-    def _ensure_one(self, conn: Connection):
+    def _ensure_one(self, conn: Connection, since: float):
         """In the engine thread: the one-connection reconcile, else the full one."""
-        return self.scoped.ensure(conn) or self.engine.ensure(conn)
+        try:
+            return self.scoped.ensure(conn) or self.engine.ensure(conn)
+        finally:
+            self._decided(conn.uuid, since)
 
-    def _remove_one(self, uuid: str):
-        return self.scoped.remove(uuid) or self.engine.remove(uuid)
+    def _remove_one(self, uuid: str, since: float):
+        try:
+            return self.scoped.remove(uuid) or self.engine.remove(uuid)
+        finally:
+            self._decided(uuid, since)
+
+    def _decided(self, uuid: str, since: float) -> None:
+        if len(self.decided) > 1024:  # only the recent ones matter (a re-sync's snapshot takes seconds)
+            self.decided = {u: t for u, t in self.decided.items() if t > since - 60}
+        self.decided[uuid] = max(since, self.decided.get(uuid, since))
 
     async def _engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def active(self, request: Request) -> bool:
+        """Does NetworkManager report the connection ``request`` names active (activating or
+        activated) — for a queued ``down``, which must then keep its policy. One round trip:
+        the active connection it last had and the device of its interface, asked together."""
+        async def names_it(path: Optional[str]) -> bool:
+            try:
+                props = await self.nm.props(path, ACTIVE) if path else {}
+            except NetworkManagerError:
+                return False  # gone
+            return props.get("Uuid") == request.uuid and int(props.get("State", 0)) in (ACTIVATING, ACTIVATED)
+
+        known = self._paths.get(request.uuid)
+        was_known, (on_device, _, _) = await asyncio.gather(names_it(known), self._device_active(request.iface))
+        if was_known:
+            return True
+        if on_device and on_device != known and await names_it(on_device):
+            self._paths[request.uuid] = on_device  # (the next event's hint)
+            return True
+        return False
+
     async def handle(self, request: Request) -> Tuple[str, str]:
-        """Act on one event; (verdict, text) for the hook: ok, error or fallback."""
+        """Act on one event; (verdict, text) for the hook: ok, error or fallback. A ``pre-down``
+        removes without asking NetworkManager (it says nothing a ``pre-down`` depends on)."""
+        since = time.monotonic()
         try:
-            found = await self.find(request, scan=request.action in ENSURE)
+            if request.action in ENSURE:
+                found = await self.find(request, scan=True)
+            else:
+                again = request.action in ("down", "vpn-down") and await self.active(request)
         except NetworkManagerError as exc:
             log.warning("%s: NetworkManager is not reachable (%s); the hook acts itself", request, exc)
             return "fallback", f"NetworkManager is not reachable: {exc}"
         try:
             if request.action in ENSURE:
-                return await self._ensure(request, found)
-            return await self._remove(request, found)
+                return await self._ensure(request, found, since)
+            return await self._remove(request, again, since)
         except PolicyRoutingError as exc:
             log.error("%s: %s", request, exc)
             return "error", str(exc)
 
-    async def _ensure(self, request: Request, found: Optional[Tuple[Connection, int]]) -> Tuple[str, str]:
+    async def _ensure(self, request: Request, found: Optional[Tuple[Connection, int]], since: float,
+                      signalled: Optional[str] = None) -> Tuple[str, str]:
+        """``since``: when reading the facts started. ``signalled``: the active connection's path,
+        for a signal about it (not acted on if its pre-down or a newer signal about it came
+        meanwhile: checked where nothing can come between the check and the engine)."""
         if found is None or found[1] not in (ACTIVATING, ACTIVATED):
             return "ok", f"{request}: stale (the connection is no longer active), ignored"
         conn = found[0]
@@ -180,7 +236,11 @@ class Targeted:
             if not held:
                 return "ok", f"{request.action} for {conn.label} on {conn.iface}: no address in the kernel yet"
             conn = replace(conn, addresses=held)
-        result = await self._engine(self._ensure_one, conn)
+        if signalled in self._leaving:
+            return "ok", f"{request}: its pre-down came meanwhile, nothing installed"
+        if signalled in self._pending:  # (e.g. its deactivation): that signal's facts are newer
+            return "ok", f"{request}: a newer signal about it came meanwhile; acting on that one"
+        result = await self._engine(self._ensure_one, conn, since)
         tell(result, why=request.action)
         cp = result.plan_of(conn.uuid)
         errors = list(cp.errors) if cp else []
@@ -189,12 +249,16 @@ class Targeted:
         return ("error", f"{text}: {errors[0]}") if status in ("error", "conflict", "invalid") and errors \
             else ("ok", text)
 
-    async def _remove(self, request: Request, found: Optional[Tuple[Connection, int]]) -> Tuple[str, str]:
-        if found is not None and found[1] in (ACTIVATING, ACTIVATED) and request.action in ("down", "vpn-down"):
+    async def _remove(self, request: Request, active_again: bool, since: float) -> Tuple[str, str]:
+        if active_again:
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
-        result = await self._engine(self._remove_one, request.uuid)
+        leaving = self._paths.pop(request.uuid, None)
+        if leaving and request.action.endswith("pre-down"):
+            if len(self._leaving) > 1024:  # (each is dropped when it goes; stay bounded if not)
+                self._leaving.clear()
+            self._leaving[leaving] = None
+        result = await self._engine(self._remove_one, request.uuid, since)
         tell(result, why=request.action)
-        self._paths.pop(request.uuid, None)
         return "ok", f"{request.action}: removed the policy of {request.uuid}"
 
     # ---- NetworkManager's signals ------------------------------------------
@@ -241,6 +305,7 @@ class Targeted:
             self._busy = False
 
     async def _on_signal(self, path: str) -> None:
+        since = time.monotonic()
         if path.startswith("device:"):
             try:
                 value = (await self.nm.call(path[7:], PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
@@ -255,21 +320,26 @@ class Targeted:
             found = None
         if found is None:  # the active connection is gone: remove its policy unless it is active again
             self._drop_configs(path)
+            self._leaving.pop(path, None)
             if path in self._seen:
                 uuid, iface = self._seen.pop(path)
                 request = Request("down", iface or "lo", uuid)
-                await self._remove(request, await self.find(request, scan=False))
+                await self._remove(request, await self.active(request), since)
             return
         conn, state = found
+        if path in self._leaving:
+            if state in (ACTIVATING, ACTIVATED):
+                return  # after its pre-down (a signal of before, or of the teardown): nothing to install
+            self._leaving.pop(path, None)
         await self._learn_configs(path)
         request = Request("up" if state in (ACTIVATING, ACTIVATED) else "down", conn.iface or "lo", conn.uuid)
         if state == ACTIVATED:
-            text = (await self._ensure(request, found))[1]
+            text = (await self._ensure(request, found, since, signalled=path))[1]
             log.debug("%s", text)
         elif state in (DEACTIVATING, DEACTIVATED):
             self._seen.pop(path, None)
             self._drop_configs(path)
-            await self._remove(request, found)
+            await self._remove(request, False, since)
 
     def _drop_configs(self, path: str) -> None:
         for config in [c for c, owner in self._configs.items() if owner == path]:
@@ -280,6 +350,7 @@ class Targeted:
         self._paths.clear()
         self._devices.clear()
         self._seen.clear()
+        self._leaving.clear()
         self._configs.clear()
 
     async def _learn_configs(self, path: str) -> None:

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from tests.lab.netns import Lab, wait_for
-from tests.lab.nm import SERVICE_UUID
+from tests.lab.nm import SERVICE_UUID, service_keyfile
 from tests.lab.world import HOOK, World
 
 pytestmark = pytest.mark.nm
@@ -134,3 +134,33 @@ def test_a_hung_daemon_does_not_block_the_hook(world: World) -> None:
         assert len(world.our_rules()) == 1, f"the hook did not act itself ({took:.1f} s): {proc.stderr}"
     finally:
         os.kill(world.daemon.pid, signal.SIGCONT)
+
+
+def _tables(world: World) -> set:
+    return {r.get("table") for r in world.our_rules()}
+
+
+def test_an_edit_between_activations_is_the_policy_of_the_next_pre_up(world: World) -> None:
+    """The daemon remembers each profile's user data between NetworkManager's edit signals: an
+    edit made while the connection is down, right before ``nmcli connection up``, is what the
+    next pre-up installs (pre-up blocks the activation: it is in the kernel when ``up`` returns),
+    never the remembered policy."""
+    world.nm.up("service")
+    assert world.wait_rules(lambda rules: len(rules) == 1)
+    assert _tables(world) == {"100"}
+    for table in ("200", "300"):
+        world.nm.down("service")
+        assert world.wait_rules(lambda rules: not rules)
+        assert world.set_user_data_unchecked(SERVICE_UUID, {**SEED_POLICY, "nm-policy-routing.table": table})
+        world.nm.up("service")
+        assert _tables(world) == {table}, world.daemon_tail()
+
+
+def test_a_profile_deleted_and_added_again_with_its_uuid_gets_its_new_policy(world: World) -> None:
+    world.nm.up("service")
+    assert world.wait_rules(lambda rules: len(rules) == 1)
+    world.nm.nmcli("connection", "delete", "uuid", SERVICE_UUID)
+    assert world.wait_rules(lambda rules: not rules)
+    world.nm.write_keyfile("service", service_keyfile({**SEED_POLICY, "nm-policy-routing.table": "400"}))
+    world.nm.up("service")
+    assert _tables(world) == {"400"}, world.daemon_tail()

@@ -36,14 +36,18 @@ def _no_glib() -> None:
 
 def _plain(value: Any) -> Any:
     """Variants -> plain Python values, recursively."""
-    from dbus_next import Variant
+    from dbus_next import Variant  # (once per reply: a GetAll holds thousands of values)
 
-    if isinstance(value, Variant):
-        return _plain(value.value)
+    return _unwrap(value, Variant)
+
+
+def _unwrap(value: Any, variant: type) -> Any:
+    if isinstance(value, variant):
+        return _unwrap(value.value, variant)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _unwrap(v, variant) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_unwrap(v, variant) for v in value]
     return value
 
 
@@ -52,6 +56,12 @@ class NetworkManagerBus:
 
     def __init__(self) -> None:
         self.bus = None
+        #: with remember() (the daemon): settings path -> the profile's user data, kept until
+        #: NetworkManager signals an edit; device path -> its last IP configurations' paths (hints,
+        #: read with the connection and used only if it names them). None: everything read anew.
+        self._profiles: Optional[Dict[str, Dict[str, str]]] = None
+        self._configs: Dict[str, Tuple[str, ...]] = {}
+        self._edits = 0  # how many edits were signalled (a reply started before one is not kept)
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> "NetworkManagerBus":
         _no_glib()
@@ -134,6 +144,36 @@ class NetworkManagerBus:
     def on_message(self, handler: Callable[[Any], None]) -> None:
         self.bus.add_message_handler(handler)
 
+    async def remember(self) -> None:
+        """Keep each profile's user data until NetworkManager signals that it changed
+        (Settings.Connection ``Updated``/``Removed``) or restarts, so an event needs no
+        GetSettings round trip. Sound because one sender's messages arrive in order: the
+        signals NetworkManager sent before answering a call are handled (synchronously, by
+        dbus-next's reader) before the caller resumes with the answer, so what is kept after
+        a reply of NetworkManager reflects every edit it had made by then; an answer to
+        GetSettings that started before an edit was signalled is used once, not kept."""
+        self._profiles = {}
+        self.on_message(self._on_edit)
+        await self.add_match(f"type='signal',sender='{NM}',interface='{SETTINGS_CONN}'")
+        await self.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                             f"arg0='{NM}'")
+
+    def _on_edit(self, msg: Any) -> None:
+        if msg.interface == SETTINGS_CONN and msg.member in ("Updated", "Removed"):
+            self.forget(msg.path)
+        elif msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == NM:
+            self.forget()  # its object paths mean other things now
+
+    def forget(self, settings_path: Optional[str] = None) -> None:
+        """Drop what is remembered of one profile (None: of all, and the devices' hints)."""
+        self._edits += 1
+        if self._profiles is not None:
+            if settings_path is None:
+                self._profiles.clear()
+                self._configs.clear()
+            else:
+                self._profiles.pop(settings_path, None)
+
     # ---- connections ---------------------------------------------------
 
     async def starting_up(self) -> bool:
@@ -148,8 +188,20 @@ class NetworkManagerBus:
         return _plain(body[0])
 
     async def user_data(self, settings_path: str) -> Dict[str, str]:
+        """The profile's user data; remembered (remember()) only if asked after a reply of
+        NetworkManager for the same event (nmfacts.facts asks after the active connection's)."""
+        return nmfacts.user_data(await self._settings_answer(settings_path))
+
+    async def _settings_answer(self, settings_path: str) -> Dict[str, Any]:
+        """GetSettings' answer, or what is remembered of it (the user data alone)."""
+        kept = self._profiles
+        if kept is not None and settings_path in kept:
+            return {"user": {"data": dict(kept[settings_path])}}
+        edits = self._edits
         settings = await self.settings(settings_path)
-        return dict(settings.get("user", {}).get("data", {}))
+        if kept is not None and edits == self._edits:  # no edit signalled meanwhile
+            kept[settings_path] = nmfacts.user_data(settings)
+        return settings
 
     async def drive(self, steps: nmfacts.Steps) -> Any:
         """Answer the requests of nmfacts' steps; the requests of one step go out together
@@ -164,14 +216,23 @@ class NetworkManagerBus:
 
     async def _answer(self, request: nmfacts.Request) -> nmfacts.Answer:
         try:
+            if request[1] == SETTINGS_CONN:
+                return await self._settings_answer(request[0])
             return _plain((await self.call(*nmfacts.call_of(request)))[0])
         except NetworkManagerError as exc:
             return exc
 
-    async def facts(self, active_path: str, device_config: bool = False,
-                    device_hint: Optional[str] = None) -> Optional[Tuple[Connection, int]]:
-        """The planner's view of one active connection, with its state (nmfacts.facts)."""
-        return await self.drive(nmfacts.facts(active_path, device_config, device_hint))
+    async def facts(self, active_path: str, device_config: bool = False, device_hint: Optional[str] = None,
+                    device_props: Optional[Dict[str, Any]] = None) -> Optional[Tuple[Connection, int]]:
+        """The planner's view of one active connection, with its state (nmfacts.facts).
+        ``device_props``: the properties of the device ``device_hint``, if the caller read them.
+        With remember(), the IP configurations the device last had are read in the same round
+        trip as the connection, and their answers used only if the connection (or its device)
+        names them."""
+        hints = self._configs if self._profiles is not None else None
+        devices = {device_hint: device_props} if device_hint and device_props is not None else None
+        return await self.drive(nmfacts.facts(active_path, device_config, device_hint,
+                                              devices=devices, hints=hints))
 
     async def active_connections(self) -> List[Connection]:
         """Every active connection NetworkManager manages (nmfacts.active_connections)."""

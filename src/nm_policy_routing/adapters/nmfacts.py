@@ -133,23 +133,45 @@ def vpn_interface(ip4: str, ip6: str, devices: Optional[Dict[str, Answer]] = Non
     return ""
 
 
+def _config_request(path: str) -> Request:
+    return path, IP6CONFIG if "IP6Config" in path else IP4CONFIG
+
+
 def facts(active_path: str, device_config: bool = False, device_hint: Optional[str] = None,
-          active: Optional[Dict[str, Any]] = None, devices: Optional[Dict[str, Answer]] = None) -> Steps:
+          active: Optional[Dict[str, Any]] = None, devices: Optional[Dict[str, Answer]] = None,
+          hints: Optional[Dict[str, Tuple[str, ...]]] = None) -> Steps:
     """The planner's view of one active connection, with its state; None if it vanished.
 
     ``device_config``: while the connection shows no IP configuration yet (on ``pre-up``),
     take its device's (for one event about this connection, whose addresses the caller
     checks are in the kernel). ``device_hint``: its device's path, if the caller knows it
     (read at the same time as the connection). ``active``: its properties, and ``devices``:
-    every device's, if the caller has just read them."""
-    asks = ([] if active is not None else [(active_path, ACTIVE)]) + ([(device_hint, DEVICE)] if device_hint else [])
+    every device's (or the hinted one's), if the caller has just read them. ``hints``
+    (device path -> the IP configuration paths it last had, kept by the caller and updated
+    here): those are read in the first round trip too, and their answers used only if the
+    connection (or its device) names them now."""
+    known = devices is not None and device_hint is not None and device_hint in devices
+    prefetch: Tuple[str, ...] = ()
+    if hints is not None and device_hint:
+        if known:
+            shown = devices[device_hint]
+            prefetch = () if isinstance(shown, NetworkManagerError) else tuple(
+                p for p in (shown.get("Ip4Config"), shown.get("Ip6Config")) if p and p != "/")
+        else:
+            prefetch = hints.get(device_hint, ())
+    asks = (([] if active is not None else [(active_path, ACTIVE)])
+            + ([(device_hint, DEVICE)] if device_hint and not known else [])
+            + [_config_request(p) for p in prefetch])
     answers = list((yield asks)) if asks else []
     try:
         if active is None:
             active = _value(answers.pop(0))
-        hinted = _value(answers[0]) if device_hint else {}
+        hinted = {}
+        if device_hint:
+            hinted = _value(devices[device_hint] if known else answers.pop(0))
     except NetworkManagerError:
         return None
+    read = dict(zip(prefetch, answers))
     if active.get("Vpn"):  # its Devices list its parent: never borrow the parent's configuration
         iface = yield from vpn_interface(active.get("Ip4Config", "/"), active.get("Ip6Config", "/"), devices)
         dev = {}
@@ -169,15 +191,21 @@ def facts(active_path: str, device_config: bool = False, device_hint: Optional[s
     # on pre-up the active connection shows no IP configuration yet ("/"), its device does
     # (and the kernel holds it)
     borrow = dev if device_config else {}
-    asks = [(path, interface) for interface, path in ((IP4CONFIG, _config(active, borrow, "Ip4Config")),
-                                                      (IP6CONFIG, _config(active, borrow, "Ip6Config"))) if path != "/"]
+    config4, config6 = _config(active, borrow, "Ip4Config"), _config(active, borrow, "Ip6Config")
+    if hints is not None and device_hint and dev is hinted:
+        if len(hints) > 1024:  # devices come and go (each with a new path): stay bounded
+            hints.clear()
+        hints[device_hint] = tuple(p for p in (config4, config6) if p != "/")
+    asks = [_config_request(p) for p in (config4, config6) if p != "/" and p not in read]
     if active.get("Connection"):
         asks.append((active["Connection"], SETTINGS_CONN))
-    got = dict(zip((interface for _, interface in asks), (yield asks))) if asks else {}
+    got = dict(zip((path for path, _ in asks), (yield asks))) if asks else {}
+    got.update(read)
     from ..model import Connection
 
-    (addr4, gw4), (addr6, gw6) = _ip(got.get(IP4CONFIG)), _ip(got.get(IP6CONFIG))
-    user = user_data(got[SETTINGS_CONN]) if SETTINGS_CONN in got else {}
+    (addr4, gw4), (addr6, gw6) = _ip(got.get(config4)), _ip(got.get(config6))
+    settings = got.get(active.get("Connection") or "")
+    user = user_data(settings) if settings is not None else {}
     conn = Connection(
         uuid=active.get("Uuid", ""), id=active.get("Id", ""), iface=iface,
         addresses=tuple(addr4 + addr6), gateway4=gw4, gateway6=gw6,
