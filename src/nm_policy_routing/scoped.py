@@ -179,7 +179,7 @@ class Scoped:
                     self._kept = (stamp, record, held) if stamp is not None else None
                 return result
             except PolicyRoutingError as exc:
-                log.warning("one-connection change of %s failed (%s); reconciling everything", uuid, exc)
+                log.debug("one-connection change of %s failed (%s); reconciling everything", uuid, exc)
                 return None
             finally:
                 kernel.close()

@@ -241,8 +241,18 @@ class Targeted:
         if signalled in self._pending:  # (e.g. its deactivation): that signal's facts are newer
             return "ok", f"{request}: a newer signal about it came meanwhile; acting on that one"
         result = await self._engine(self._ensure_one, conn, since)
-        tell(result, why=request.action)
         cp = result.plan_of(conn.uuid)
+        gone = self.missing_addresses(conn) if cp is not None and cp.status == "error" else []
+        if gone:
+            # the kernel refused because the interface lost addresses meanwhile (NetworkManager
+            # taking the connection down, or changing its addresses): not the policy's fault;
+            # NetworkManager's next event for it says what to do
+            log.debug("%s for %s on %s: %s went away while its policy was applied (%s); waiting for "
+                      "NetworkManager's next event", request.action, conn.label, conn.iface, ", ".join(gone),
+                      "; ".join(cp.errors), extra=about(conn))
+            return "ok", (f"{request.action} for {conn.label} on {conn.iface}: its addresses went away "
+                          "meanwhile; nothing installed until NetworkManager's next event")
+        tell(result, why=request.action)
         errors = list(cp.errors) if cp else []
         status = cp.status if cp else "?"
         text = f"{request.action} for {conn.label} on {conn.iface}: {status}"

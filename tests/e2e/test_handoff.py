@@ -80,6 +80,8 @@ def test_policy_in_kernel_before_activated_every_time(world: World) -> None:
     assert len(seen) == ACTIVATIONS
     assert not late, f"{len(late)} of {ACTIVATIONS} activations reported ACTIVATED before our policy: {late[:3]}"
     assert not world.our_rules(), "a policy stayed after the last down"
+    noise = [line for line in world.daemon_tail(1_000_000).splitlines() if line.startswith(("ERROR", "WARNING"))]
+    assert not noise, f"{len(noise)} errors or warnings over {ACTIVATIONS} plain up/downs: {noise[:3]}"
 
 
 def _lines(path: str) -> int:
