@@ -78,7 +78,8 @@ def main() -> None:
 
     # the floor and the engine from scratch alternate (this VM's timings drift): medians of REPEATS
     floors, scratches = [], []
-    profile = os.environ.get("NPR_PROFILE")  # a path: the first from-scratch reconcile's cProfile goes there
+    profile = os.environ.get("NPR_PROFILE")  # a path: cProfiles of the first from-scratch reconcile (PATH.N)
+    # and of the one-connection ups and downs (PATH.N.one) go there
     for repeat in range(REPEATS):
         if repeat:  # the previous engine's policies go (not timed); a fresh engine starts from scratch
             engine.flush()
@@ -102,10 +103,21 @@ def main() -> None:
     ups, downs = [], []
     scoped = Scoped(engine)  # as the daemon acts on one connection's event: scoped, else the full reconcile
     fallbacks = []
+    one = None
+    if profile:  # and the one-connection events' (all ten ups and downs together)
+        import cProfile
+
+        one = cProfile.Profile()
     for _ in range(10):
+        if one:
+            one.enable()
         ups.append(timed(lambda: scoped.ensure(extra) or fallbacks.append("up") or engine.ensure(extra)))
         downs.append(timed(lambda: scoped.remove(extra.uuid) or fallbacks.append("down") or
                            engine.remove(extra.uuid)))
+        if one:
+            one.disable()
+    if one:
+        one.dump_stats(f"{profile}.{n}.one")
     out["full_reconcile_fallbacks"] = len(fallbacks)
     out["one_up_s"] = statistics.median(ups)
     out["one_down_s"] = statistics.median(downs)

@@ -35,15 +35,17 @@ def _jump(chain: str) -> Dict[str, Any]:
     return {"jump": {"target": chain}}
 
 
-def delta(before: Iterable[Mark], after: Iterable[Mark], skeleton_kept: Optional[bool] = None
-          ) -> Optional[Dict[str, Any]]:
+def delta(before: Iterable[Mark], after: Iterable[Mark], skeleton_kept: Optional[bool] = None,
+          shapes: Optional[Tuple[Iterable[Mark], Iterable[Mark]]] = None) -> Optional[Dict[str, Any]]:
     """The transaction from ``before`` to ``after`` (both non-empty, same masks); None when the
     table must be replaced instead; an empty command list when nothing changes.
 
     ``before`` and ``after`` may also be the part of the table that changes — every entry
     of each mark value concerned — when the caller, who knows the whole table, tells
     whether its skeleton stays (``skeleton_kept``: the table exists before and after, with
-    the same masks)."""
+    the same masks) and gives the whole table's ``shapes`` before and after (one mark of
+    each direction and mask in use, :meth:`MarkIndex.samples`): the base chains' rules
+    depend on those, never on a part."""
     before, after = set(before), set(after)
     fb, fa = _fwmarks(before), _fwmarks(after)
     if skeleton_kept is None:
@@ -75,8 +77,9 @@ def delta(before: Iterable[Mark], after: Iterable[Mark], skeleton_kept: Optional
     for mark in sorted(after - before):
         target = chain_of[mark.direction](Fwmark(mark.value, mark.mask))
         cmds.append(_element("add", mark.direction, [[mark.iface, _jump(target)]]))
-    rules = nftjson.base_rules(after)
-    if rules != nftjson.base_rules(before):  # a direction came or went: the base chains' rules anew
+    whole_before, whole_after = shapes if shapes is not None else (before, after)
+    rules = nftjson.base_rules(whole_after)
+    if rules != nftjson.base_rules(whole_before):  # a direction came or went: the base chains' rules anew
         cmds += [{"flush": {"chain": dict(_TABLE, name=name)}} for name in ("prerouting", "output")]
         cmds += rules
     return {"nftables": cmds}
@@ -92,12 +95,14 @@ class MarkIndex:
         self.by_iface: Dict[str, Set[Mark]] = {}
         self.by_fwmark: Dict[Fwmark, Set[Mark]] = {}
         self.masks: Dict[int, int] = {}
+        self.by_shape: Dict[Tuple[str, int], Set[Mark]] = {}  # (direction, mask) -> marks
         self._update(set(), set(marks))
 
     def _update(self, gone: Set[Mark], new: Set[Mark]) -> None:
         for mark, step in [*((m, -1) for m in gone), *((m, 1) for m in new)]:
             fw = Fwmark(mark.value, mark.mask)
-            for index, key in ((self.by_iface, mark.iface), (self.by_fwmark, fw)):
+            for index, key in ((self.by_iface, mark.iface), (self.by_fwmark, fw),
+                               (self.by_shape, (mark.direction, mark.mask))):
                 entries = index.setdefault(key, set())
                 entries.add(mark) if step > 0 else entries.discard(mark)
                 if not entries:
@@ -123,6 +128,19 @@ class MarkIndex:
             masks[mark.mask] = masks.get(mark.mask, 0) + step
         kept = bool(self.marks) and {k for k, v in masks.items() if v} == set(self.masks)
         return now, later, kept
+
+    def samples(self, gone: Set[Mark] = frozenset(), new: Set[Mark] = frozenset()) -> List[Mark]:
+        """One mark of each (direction, mask) in the table, once ``gone`` left and ``new`` came
+        (O(shapes + changes)): what the base chains' rules depend on."""
+        out: Dict[Tuple[str, int], Mark] = {}
+        for shape, marks in self.by_shape.items():
+            for mark in marks:  # (at most len(gone) + 1 steps)
+                if mark not in gone:
+                    out[shape] = mark
+                    break
+        for mark in new:
+            out.setdefault((mark.direction, mark.mask), mark)
+        return list(out.values())
 
     def apply(self, now: Set[Mark], later: Set[Mark]) -> None:
         self._update(now - later, later - now)

@@ -17,6 +17,7 @@ import json, sys
 import nftables
 from nm_policy_routing import nftdelta, nftjson
 from nm_policy_routing.adapters.nftraw import NftBatch, Unsupported
+from nm_policy_routing.nftdelta import MarkIndex
 from nm_policy_routing.model import Mark
 
 nft = nftables.Nftables()
@@ -40,7 +41,7 @@ def canonical(listing):
             items.append(json.dumps({kind: obj}, sort_keys=True))
     return sorted(items)
 
-raw, steps = json.load(sys.stdin)
+raw, partial, steps = json.load(sys.stdin)
 steps = [[Mark(*m) for m in step] for step in steps]
 spoken = []
 
@@ -58,7 +59,13 @@ def commit(change):
 run(nftjson.replace_table(steps[0], False))
 out = []
 for before, after in zip(steps, steps[1:]):
-    change = nftdelta.delta(before, after)
+    if partial:  # as the daemon's one-connection path: only the part concerned, the shapes from the index
+        view = MarkIndex(before)
+        now, later, kept = view.change(set(before), set(after))
+        change = nftdelta.delta(now, later, skeleton_kept=kept,
+                                shapes=(view.samples(), view.samples(now - later, later - now)))
+    else:
+        change = nftdelta.delta(before, after)
     if change is None:
         run(nftjson.replace_table(after, True))
     elif change["nftables"]:
@@ -88,10 +95,11 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("raw", [False, True], ids=["libnftables", "nfnetlink"])
-def test_deltas_end_as_a_fresh_build(lab: Lab, raw: bool) -> None:
+@pytest.mark.parametrize("raw, partial", [(False, False), (True, False), (True, True)],
+                         ids=["libnftables", "nfnetlink", "nfnetlink, the part concerned"])
+def test_deltas_end_as_a_fresh_build(lab: Lab, raw: bool, partial: bool) -> None:
     ns = lab.ns("nft")
-    proc = ns.run(PYTHON, "-c", SCRIPT, input=json.dumps([raw, STEPS]), check=False)
+    proc = ns.run(PYTHON, "-c", SCRIPT, input=json.dumps([raw, partial, STEPS]), check=False)
     assert proc.returncode == 0, proc.stderr
     steps = json.loads(proc.stdout)
     assert [s["delta"] for s in steps] == [True, True, True, True, True, True, False, False, True]

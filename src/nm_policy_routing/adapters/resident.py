@@ -271,7 +271,8 @@ class ResidentKernel(LiveKernel):
         if view is None:
             return super().change_marks(before, after)
         now, later, kept = view.change(set(before), set(after))
-        change = nftdelta.delta(now, later, skeleton_kept=kept)
+        change = nftdelta.delta(now, later, skeleton_kept=kept,
+                                shapes=(view.samples(), view.samples(now - later, later - now)))
         if change is None:
             self._nft_marks = set(view.marks)
             return self.set_marks((view.marks - now) | later)
