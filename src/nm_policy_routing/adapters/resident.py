@@ -138,16 +138,12 @@ class _RememberingRtnl(Rtnl):
         return self._foreign
 
     def rules_changed(self, added: Sequence[Rule], deleted: Sequence[Rule]) -> None:
-        """Our acknowledged changes kept in the rule dump and the index (no re-read)."""
-        for family, dump in self._rule_dump.items():
-            gone = {(r, RT_PROTO) for r in deleted if r.family == family}
-            if gone:
-                dump[:] = [entry for entry in dump if entry not in gone]
-            have = set(dump)
-            for rule in added:
-                if rule.family == family and (rule, RT_PROTO) not in have:
-                    have.add((rule, RT_PROTO))
-                    dump.append((rule, RT_PROTO))
+        """Our acknowledged changes kept in the index (O(changes)); the dump then still serves
+        for the foreign rules, the only ones read from it while the index exists (it is dropped
+        with the index when someone else changes a rule)."""
+        if self._rules_by is None:
+            super().rules_changed(added, deleted)  # no index: the dump is read again when needed
+            return
         for rule in deleted:
             self._index_rule(rule, False)
         for rule in added:
