@@ -3,7 +3,8 @@
 libnftables reads the whole table into its cache before a transaction that adds a rule or a
 map element jumping to a chain (every chain of ours: three per mark), which makes one
 connection's change cost O(N). The element-by-element changes nftdelta.py makes use a
-handful of shapes (map elements with a jump, per-mark chains and their rules); this module
+handful of shapes (map elements with a jump, per-mark chains and their rules, the base
+chains' few rules written anew when a direction comes or goes); this module
 encodes exactly those as the netlink messages nft itself sends (checked against ``nft
 --debug=netlink``), in one batch (all or nothing, as one ``json_cmd``). Any other shape
 raises :class:`Unsupported` before anything is sent: the caller then uses libnftables.
@@ -95,12 +96,61 @@ def _mangle(stmt: Dict[str, Any]) -> List[bytes]:
     return out + [_expr(key, _be32(2, NFT_META_MARK), _be32(sreg, NFT_REG_1))]
 
 
+# ---- the base chains' rules (nftjson.build: a look-up of a mark or an interface name) ---------
+
+NFT_META_IIFNAME, NFT_META_OIFNAME = 6, 7
+_LOADS = {("meta", "mark"): NFT_META_MARK, ("ct", "mark"): NFT_CT_MARK,
+          ("meta", "iifname"): NFT_META_IIFNAME, ("meta", "oifname"): NFT_META_OIFNAME}
+
+
+_MARKS = ({"meta": {"key": "mark"}}, {"ct": {"key": "mark"}})
+
+
+def _load(value: Any) -> List[bytes]:
+    """``KEY`` (meta mark, ct mark, iifname, oifname) or ``KEY & M`` into register 1."""
+    if isinstance(value, dict) and set(value) == {"&"} and len(value["&"]) == 2:
+        source, mask = value["&"]
+        if source not in _MARKS or not isinstance(mask, int):
+            raise Unsupported(f"expression {value}")
+        return _load(source) + [_expr("bitwise", _be32(1, NFT_REG_1), _be32(2, NFT_REG_1), _be32(3, 4),
+                                      _value(4, _u32(mask)), _value(5, _u32(0)))]
+    if isinstance(value, dict) and len(value) == 1:
+        (key, spec), = value.items()
+        code = _LOADS.get((key, spec.get("key") if isinstance(spec, dict) and len(spec) == 1 else None))
+        if code is not None:
+            return [_expr(key, _be32(2, code), _be32(1, NFT_REG_1))]  # NFTA_{META,CT}_KEY, _DREG
+    raise Unsupported(f"expression {value}")
+
+
+def _match(stmt: Dict[str, Any]) -> List[bytes]:
+    """``KEY [& M] == V`` of a mark."""
+    left, right = stmt.get("left"), stmt.get("right")
+    source = left["&"][0] if isinstance(left, dict) and set(left) == {"&"} and len(left["&"]) == 2 else left
+    if stmt.get("op") != "==" or not isinstance(right, int) or source not in _MARKS:
+        raise Unsupported(f"match {stmt}")
+    return _load(left) + [_expr("cmp", _be32(1, NFT_REG_1), _be32(2, NFT_CMP_EQ), _value(3, _u32(right)))]
+
+
+def _vmap(stmt: Dict[str, Any]) -> List[bytes]:
+    """``KEY [& M] vmap @MAP``: a look-up in one of our maps, its verdict taken."""
+    data = stmt.get("data")
+    if set(stmt) != {"key", "data"} or not isinstance(data, str) or not data.startswith("@"):
+        raise Unsupported(f"vmap {stmt}")
+    # NFTA_LOOKUP_SET, _SREG, _DREG (the verdict register)
+    return _load(stmt["key"]) + [_expr("lookup", _str(1, data[1:]), _be32(2, NFT_REG_1),
+                                       _be32(3, NFT_REG_VERDICT))]
+
+
 _NOT_LOCAL = {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}
 
 
 def _statement(stmt: Dict[str, Any]) -> List[bytes]:
     if "mangle" in stmt:
         return _mangle(stmt["mangle"])
+    if set(stmt) == {"vmap"}:
+        return _vmap(stmt["vmap"])
+    if set(stmt) == {"match"} and stmt != _NOT_LOCAL:
+        return _match(stmt["match"])
     if stmt == _NOT_LOCAL:
         return [_expr("fib", _be32(1, NFT_REG_1), _be32(2, NFT_FIB_RESULT_ADDRTYPE), _be32(3, NFTA_FIB_F_DADDR)),
                 _expr("cmp", _be32(1, NFT_REG_1), _be32(2, NFT_CMP_NEQ), _value(3, _u32(RTN_LOCAL)))]
