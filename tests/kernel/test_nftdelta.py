@@ -1,5 +1,6 @@
-"""Element-by-element changes of our nft table end exactly where a fresh build would, committed by
-libnftables or spoken directly (adapters/nftraw.py, the daemon's one-connection path)."""
+"""Element-by-element changes of our nft table, and the table made anew, end exactly where a fresh
+build by libnftables would, committed by libnftables or spoken directly (adapters/nftraw.py, the
+daemon's one-connection path)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def commit(change):
             pass
     spoken.append(False)
     run(change)
-run(nftjson.replace_table(steps[0], False))
+commit(nftjson.replace_table(steps[0], False))
+made_raw = spoken.pop()
 out = []
 for before, after in zip(steps, steps[1:]):
     if partial:  # as the daemon's one-connection path: only the part concerned, the shapes from the index
@@ -67,7 +69,7 @@ for before, after in zip(steps, steps[1:]):
     else:
         change = nftdelta.delta(before, after)
     if change is None:
-        run(nftjson.replace_table(after, True))
+        commit(nftjson.replace_table(after, True))
     elif change["nftables"]:
         commit(change)
     by_delta = run(LIST)
@@ -76,7 +78,7 @@ for before, after in zip(steps, steps[1:]):
     fresh = run(LIST)
     out.append({"delta": change is not None, "raw": bool(spoken and spoken.pop()), "marks_ok": marks == set(after), "intact": intact,
                 "same_as_fresh": canonical(by_delta) == canonical(fresh)})
-print(json.dumps(out))
+print(json.dumps({"made_raw": made_raw, "steps": out}))
 '''
 
 M = 0xFF000000
@@ -101,11 +103,12 @@ def test_deltas_end_as_a_fresh_build(lab: Lab, raw: bool, partial: bool) -> None
     ns = lab.ns("nft")
     proc = ns.run(PYTHON, "-c", SCRIPT, input=json.dumps([raw, partial, STEPS]), check=False)
     assert proc.returncode == 0, proc.stderr
-    steps = json.loads(proc.stdout)
+    report = json.loads(proc.stdout)
+    steps = report["steps"]
     assert [s["delta"] for s in steps] == [True, True, True, True, True, True, False, False, True]
-    # nfnetlink speaks every delta: the element changes, and a direction appearing or going (the base
-    # chains' rules written anew)
-    assert [s["raw"] for s in steps] == ([True, True, True, True, True, True, False, False, True] if raw
-                                         else [False] * len(steps))
+    # nfnetlink speaks every change: the element changes, a direction appearing or going (the base
+    # chains' rules written anew), and the table made anew (a new mask)
+    assert report["made_raw"] == raw
+    assert [s["raw"] for s in steps] == [raw] * len(steps)
     for n, step in enumerate(steps, 1):
         assert step["marks_ok"] and step["intact"] and step["same_as_fresh"], (n, step)
