@@ -215,12 +215,7 @@ class _Reader:
                 raise self._truncated(pos, 4)
             return self._text(pos + 4, self.u32(self.data, pos)[0])
         if c == "v":
-            n = self._fixed("B")
-            signature = self._text(self.pos, n)
-            types = split(signature)
-            if len(types) != 1:
-                raise Malformed(f"a variant with signature {signature!r}")
-            return self.read(types[0])
+            return self._variant()
         if c == "a":
             return self._array(t[1:])
         fmt = _FIXED.get(c)
@@ -232,6 +227,30 @@ class _Reader:
             return self._text(self.pos, n)
         self.align(8)  # a struct (a list) or a dict entry
         return [self.read(sub) for sub in split(t[1:-1])]
+
+    def _variant(self) -> Any:
+        data, pos = self.data, self.pos
+        if pos + 3 <= len(data) and data[pos] == 1 and data[pos + 2] == 0:  # one type (most values)
+            c = chr(data[pos + 1])
+            self.pos = pos + 3
+            if c == "s" or c == "o":
+                start = pos + 3 + (-(pos + 3) % 4)
+                if start + 4 > len(data):
+                    raise self._truncated(start, 4)
+                return self._text(start + 4, self.u32(data, start)[0])
+            fmt = _FIXED.get(c)
+            if fmt is not None:
+                value = self._fixed(fmt)
+                return bool(value) if c == "b" else value
+            if c == "g":
+                return self.read(c)
+            self.pos = pos  # (a container of one letter: not a complete type)
+        n = self._fixed("B")
+        signature = self._text(self.pos, n)
+        types = split(signature)
+        if len(types) != 1:
+            raise Malformed(f"a variant with signature {signature!r}")
+        return self.read(types[0])
 
     def _array(self, elem: str) -> Any:
         length = self._fixed("I")
@@ -251,7 +270,7 @@ class _Reader:
                 if pos + 4 > len(data):
                     raise self._truncated(pos, 4)
                 key = self._text(pos + 4, u32(data, pos)[0])
-                out[key] = read("v")
+                out[key] = self._variant()
         elif elem[0] == "{":
             key, value = split(elem[1:-1])
             out = {}
