@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import commands, nftdelta
 from ..errors import KernelError, raise_first
@@ -10,6 +10,9 @@ from ..model import ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, SockMa
 from . import cgroups, nfnetlink, sysctl
 from .rtnl import Rtnl
 from .nftables import Nftables
+
+if TYPE_CHECKING:
+    import _socket
 
 
 class LiveKernel:
@@ -28,9 +31,13 @@ class LiveKernel:
         #: those found attached at the last read or attached since
         self.known_ids: Dict[int, Tuple[int, int]] = {}
         self.live_ids: Dict[int, Tuple[int, int]] = {}
+        #: the conntrack socket, opened at the first flush and closed with the kernel (see flush_conntrack)
+        self._conntrack: Optional[_socket.socket] = None
 
     def close(self) -> None:
         self.netlink.close()
+        if self._conntrack is not None:
+            self._conntrack.close()
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState:
         self.netlink.invalidate()
@@ -147,7 +154,13 @@ class LiveKernel:
         raise_first(self.del_rules([rule]))
 
     def flush_conntrack(self, mark: Fwmark) -> None:
-        nfnetlink.flush_conntrack_mark(mark.value, mark.mask)
+        """The socket stays open until :meth:`close`: releasing a netfilter netlink socket waits for
+        nftables' deferred release of the last transaction's deleted objects (an RCU grace period,
+        ~10 ms here: ``nft_rcv_nl_event`` flushes that work); the flush follows the transaction that
+        deleted the marking, and the later close finds the wait (mostly) over."""
+        if self._conntrack is None:
+            self._conntrack = nfnetlink.conntrack_socket()
+        nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
 
     def change_marks(self, before: Iterable[Mark], after: Iterable[Mark]) -> None:
         """One connection's marks go from ``before`` to ``after`` (the others stay)."""
