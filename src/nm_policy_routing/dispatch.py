@@ -204,7 +204,7 @@ def handle(iface: str, action: str, env: Mapping[str, str], make_engine: Callabl
     if conn is not None and env.get("VPN_IP_IFACE") and conn.iface != env["VPN_IP_IFACE"]:
         # a VPN's own interface (tun0) is the event's word; D-Bus names it only when
         # NetworkManager has a device for it (see NetworkManagerBus.facts)
-        from dataclasses import replace
+        from .model import replace
 
         conn = replace(conn, iface=env["VPN_IP_IFACE"])
     if conn is None:

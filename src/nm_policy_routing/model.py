@@ -1,58 +1,90 @@
 """Plain frozen data shared by the core: connection facts, policies, kernel entries.
 
 Kernel entries are canonical and hashable so that a diff is set arithmetic.
-Nothing here does I/O or imports an adapter. The classes are standard dataclasses whose
-methods the local :func:`dataclass` makes (the dispatcher hook imports this module at
-every event).
+Nothing here does I/O or imports an adapter. The classes are plain data classes, made by
+the local :func:`dataclass` (the standard module's behaviour, cheaper to import: the
+dispatcher hook imports this module at every event).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import ipaddress
-from dataclasses import field
 from operator import attrgetter
-from typing import Container, FrozenSet, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Container, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 
-def dataclass(cls=None, *, frozen: bool = True, order: bool = False):
-    """``@dataclasses.dataclass(frozen=True[, order=True])``: the same fields (``dataclasses.fields``,
-    ``replace``), construction by position or keyword with defaults, immutability, and ``==``,
-    ``hash``, ordering and ``repr`` by the fields' values as a tuple. The methods are closures
-    made here, not generated source: Python 3.11 compiles each generated method on its own
-    (~0.1 ms each: this module took ~10 ms to import, ~1 ms now; 3.13 compiles once per class)."""
+class FrozenInstanceError(AttributeError):
+    """An attempt to change a field of a frozen data class."""
+
+
+class _Field:
+    """A field's default made per instance (``default_factory``) or left out of ``repr``."""
+
+    def __init__(self, default: Any, default_factory: Optional[Callable[[], Any]], repr: bool) -> None:
+        self.default, self.default_factory, self.repr = default, default_factory, repr
+
+
+_NO_DEFAULT = object()
+
+
+def field(*, default: Any = _NO_DEFAULT, default_factory: Optional[Callable[[], Any]] = None,
+          repr: bool = True) -> Any:
+    """As ``dataclasses.field``: a default, a default made per instance, or kept out of ``repr``."""
+    return _Field(default, default_factory, repr)
+
+
+def dataclass(cls=None, *, frozen: bool = False, order: bool = False):
+    """As ``@dataclasses.dataclass([frozen=True][, order=True])`` for the classes of the core: the
+    fields are the class's annotations in order with their defaults (or :func:`field`); it gets
+    ``__init__`` (by position or keyword, then ``__post_init__`` if the class has one), ``==``
+    and ``repr`` by the fields' values as a tuple, with ``frozen`` immutability and ``hash``,
+    with ``order`` the comparisons; :func:`replace` copies with changes. Not the standard module:
+    on Python 3.11 it compiles every generated method on its own (~110 here: ~10 ms) and imports
+    ``inspect`` (~6 ms), both at every dispatcher event; these methods are closures."""
     if cls is None:
         return functools.partial(dataclass, frozen=frozen, order=order)
-    cls = dataclasses.dataclass(cls, init=False, repr=False, eq=False)
-    fields = dataclasses.fields(cls)
-    names = tuple(f.name for f in fields)
-    values = attrgetter(*names) if len(names) > 1 else (lambda obj, get=attrgetter(names[0]): (get(obj),))
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    factories = {f.name: f.default_factory for f in fields if f.default_factory is not dataclasses.MISSING}
+    names = tuple(cls.__dict__.get("__annotations__", {}))
+    defaults, factories, in_repr = {}, {}, []
+    for name in names:
+        spec = cls.__dict__.get(name, _NO_DEFAULT)
+        spec = spec if isinstance(spec, _Field) else _Field(spec, None, True)
+        if spec.default_factory is not None:
+            factories[name] = spec.default_factory
+        if spec.default is not _NO_DEFAULT:
+            defaults[name] = spec.default
+            setattr(cls, name, spec.default)  # a default reads as a class attribute, as with dataclasses
+        elif name in cls.__dict__:
+            delattr(cls, name)
+        if spec.repr:
+            in_repr.append(name)
+    values = attrgetter(*names) if len(names) > 1 else (lambda obj, get=attrgetter(*names): (get(obj),))
+    post_init = getattr(cls, "__post_init__", None)
 
     def __init__(self, *args, **kwargs) -> None:
         if len(args) == len(names) and not kwargs:  # the common case: every field by position
             self.__dict__.update(zip(names, args))
-            return
-        if len(args) > len(names):
-            raise TypeError(f"{cls.__name__}() takes {len(names)} arguments, {len(args)} given")
-        given = list(args)
-        for name in names[len(args):]:
-            if name in kwargs:
-                given.append(kwargs.pop(name))
-            elif name in defaults:
-                given.append(defaults[name])
-            elif name in factories:
-                given.append(factories[name]())
-            else:
-                raise TypeError(f"{cls.__name__}() missing argument {name!r}")
-        if kwargs:
-            raise TypeError(f"{cls.__name__}() got unexpected or repeated arguments {sorted(kwargs)}")
-        self.__dict__.update(zip(names, given))
+        else:
+            if len(args) > len(names):
+                raise TypeError(f"{cls.__name__}() takes {len(names)} arguments, {len(args)} given")
+            given = list(args)
+            for name in names[len(args):]:
+                if name in kwargs:
+                    given.append(kwargs.pop(name))
+                elif name in factories:
+                    given.append(factories[name]())
+                elif name in defaults:
+                    given.append(defaults[name])
+                else:
+                    raise TypeError(f"{cls.__name__}() missing argument {name!r}")
+            if kwargs:
+                raise TypeError(f"{cls.__name__}() got unexpected or repeated arguments {sorted(kwargs)}")
+            self.__dict__.update(zip(names, given))
+        if post_init is not None:
+            post_init(self)
 
     def frozen_field(self, name, *value) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
 
     def __eq__(self, other):
         return values(self) == values(other) if other.__class__ is self.__class__ else NotImplemented
@@ -73,7 +105,7 @@ def dataclass(cls=None, *, frozen: bool = True, order: bool = False):
         return hash(values(self))
 
     def __repr__(self) -> str:
-        return f"{type(self).__qualname__}({', '.join(f'{n}={v!r}' for n, v in zip(names, values(self)))})"
+        return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in in_repr)})"
 
     methods = {"__init__": __init__, "__eq__": __eq__, "__repr__": __repr__}
     if frozen:
@@ -84,9 +116,16 @@ def dataclass(cls=None, *, frozen: bool = True, order: bool = False):
         if name not in cls.__dict__:  # a method the class writes itself stays
             method.__qualname__ = f"{cls.__qualname__}.{name}"
             setattr(cls, name, method)
-    if not frozen:
-        cls.__hash__ = None  # as dataclass(eq=True): mutable, not hashable
+    if not frozen and "__hash__" not in cls.__dict__:
+        cls.__hash__ = None  # mutable with ==: not hashable (as dataclasses does)
+    cls.__match_args__ = names
+    cls.__data_fields__ = names
     return cls
+
+
+def replace(obj, **changes):
+    """A copy of a data class instance with some fields changed (as ``dataclasses.replace``)."""
+    return type(obj)(**{**{name: getattr(obj, name) for name in type(obj).__data_fields__}, **changes})
 
 
 PREFIX = "nm-policy-routing."
