@@ -134,7 +134,7 @@ class Engine:
             return self._kernel_factory()
         from .adapters.kernel import DryRunKernel, LiveKernel
 
-        return DryRunKernel() if self.dry_run else LiveKernel()
+        return DryRunKernel() if self.dry_run else LiveKernel(self.directory)
 
     # ---- doors ---------------------------------------------------------
 

@@ -16,9 +16,11 @@ if TYPE_CHECKING:
 
 
 class LiveKernel:
-    """Reads and writes what is ours in the current network namespace."""
+    """Reads and writes what is ours in the current network namespace. With ``directory`` (the
+    state directory) the other nftables tables' use of marks is remembered there between runs
+    (foreigncache.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Optional[str] = None) -> None:
         self.netlink = Rtnl()
         self.nft = Nftables()
         self.nft_exists = False
@@ -31,13 +33,26 @@ class LiveKernel:
         #: those found attached at the last read or attached since
         self.known_ids: Dict[int, Tuple[int, int]] = {}
         self.live_ids: Dict[int, Tuple[int, int]] = {}
-        #: the conntrack socket, opened at the first flush and closed with the kernel (see flush_conntrack)
+        #: the netfilter socket (conntrack flush, ruleset generation), opened at first use and
+        #: closed with the kernel (see flush_conntrack)
         self._conntrack: Optional[_socket.socket] = None
+        self._foreign_cache = None
+        if directory is not None:
+            from .foreigncache import ForeignCache
+
+            self._foreign_cache = ForeignCache(directory, self.nft, lambda: nfnetlink.nft_generation(self._netfilter()))
 
     def close(self) -> None:
+        if self._foreign_cache is not None:
+            self._foreign_cache.save()
         self.netlink.close()
         if self._conntrack is not None:
             self._conntrack.close()
+
+    def _netfilter(self) -> _socket.socket:
+        if self._conntrack is None:
+            self._conntrack = nfnetlink.conntrack_socket()
+        return self._conntrack
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState:
         self.netlink.invalidate()
@@ -117,7 +132,7 @@ class LiveKernel:
 
     def foreign(self) -> ForeignUsage:
         usage = self.netlink.foreign_usage()
-        marks, writers, early = self.nft.foreign()
+        marks, writers, early = (self._foreign_cache or self.nft).foreign()
         return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(marks), tuple(writers),
                             tuple(early))
 
@@ -158,9 +173,7 @@ class LiveKernel:
         nftables' deferred release of the last transaction's deleted objects (an RCU grace period,
         ~10 ms here: ``nft_rcv_nl_event`` flushes that work); the flush follows the transaction that
         deleted the marking, and the later close finds the wait (mostly) over."""
-        if self._conntrack is None:
-            self._conntrack = nfnetlink.conntrack_socket()
-        nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
+        nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._netfilter())
 
     def change_marks(self, before: Iterable[Mark], after: Iterable[Mark]) -> None:
         """One connection's marks go from ``before`` to ``after`` (the others stay)."""
