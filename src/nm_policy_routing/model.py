@@ -60,26 +60,29 @@ def dataclass(cls=None, *, frozen: bool = False, order: bool = False):
             in_repr.append(name)
     values = attrgetter(*names) if len(names) > 1 else (lambda obj, get=attrgetter(*names): (get(obj),))
     post_init = getattr(cls, "__post_init__", None)
+    count, required = len(names), [name for name in names if name not in defaults and name not in factories]
+    #: every field in order, with its default (a factory's or a required field's: filled per call)
+    template = {name: defaults.get(name, _NO_DEFAULT) for name in names}
 
     def __init__(self, *args, **kwargs) -> None:
-        if len(args) == len(names) and not kwargs:  # the common case: every field by position
-            self.__dict__.update(zip(names, args))
+        if len(args) == count and not kwargs:  # every field by position
+            fields = dict(zip(names, args))
         else:
-            if len(args) > len(names):
-                raise TypeError(f"{cls.__name__}() takes {len(names)} arguments, {len(args)} given")
-            given = list(args)
-            for name in names[len(args):]:
-                if name in kwargs:
-                    given.append(kwargs.pop(name))
-                elif name in factories:
-                    given.append(factories[name]())
-                elif name in defaults:
-                    given.append(defaults[name])
-                else:
-                    raise TypeError(f"{cls.__name__}() missing argument {name!r}")
+            fields = template.copy()
+            fields.update(zip(names, args))
             if kwargs:
-                raise TypeError(f"{cls.__name__}() got unexpected or repeated arguments {sorted(kwargs)}")
-            self.__dict__.update(zip(names, given))
+                fields.update(kwargs)
+            if len(fields) != count or len(args) > count or not kwargs.keys().isdisjoint(names[:len(args)]):
+                raise TypeError(f"{cls.__name__}() takes the fields {', '.join(names)}, once each: not "
+                                f"{len(args)} by position and {', '.join(kwargs) or 'none'} by name")
+            for name, make in factories.items():
+                if name not in kwargs and names.index(name) >= len(args):
+                    fields[name] = make()
+            if len(args) < len(required):
+                for name in required:
+                    if fields[name] is _NO_DEFAULT:
+                        raise TypeError(f"{cls.__name__}() missing argument {name!r}")
+        object.__setattr__(self, "__dict__", fields)
         if post_init is not None:
             post_init(self)
 
