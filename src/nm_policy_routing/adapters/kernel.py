@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 
 class LiveKernel:
     """Reads and writes what is ours in the current network namespace. With ``directory`` (the
-    state directory) the other nftables tables' use of marks is remembered there between runs
-    (foreigncache.py)."""
+    state directory) what the nftables ruleset held is remembered there between runs (nftmemo.py)."""
 
     def __init__(self, directory: Optional[str] = None) -> None:
         self.netlink = Rtnl()
@@ -36,15 +35,15 @@ class LiveKernel:
         #: the netfilter socket (conntrack flush, ruleset generation), opened at first use and
         #: closed with the kernel (see flush_conntrack)
         self._conntrack: Optional[_socket.socket] = None
-        self._foreign_cache = None
+        self._memo = None
         if directory is not None:
-            from .foreigncache import ForeignCache
+            from .nftmemo import NftMemo
 
-            self._foreign_cache = ForeignCache(directory, self.nft, lambda: nfnetlink.nft_generation(self._netfilter()))
+            self._memo = NftMemo(directory, self.nft, lambda: nfnetlink.nft_generation(self._netfilter()))
 
     def close(self) -> None:
-        if self._foreign_cache is not None:
-            self._foreign_cache.save()
+        if self._memo is not None:
+            self._memo.save()
         self.netlink.close()
         if self._conntrack is not None:
             self._conntrack.close()
@@ -56,7 +55,7 @@ class LiveKernel:
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState:
         self.netlink.invalidate()
-        marks, self.nft_intact, self.nft_exists = self.nft.our_marks()
+        marks, self.nft_intact, self.nft_exists = (self._memo or self.nft).our_marks()
         self._nft_marks = set(marks)
         return KernelState(
             frozenset(self.netlink.our_rules()),
@@ -132,7 +131,7 @@ class LiveKernel:
 
     def foreign(self) -> ForeignUsage:
         usage = self.netlink.foreign_usage()
-        marks, writers, early = (self._foreign_cache or self.nft).foreign()
+        marks, writers, early = (self._memo or self.nft).foreign()
         return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(marks), tuple(writers),
                             tuple(early))
 
@@ -196,6 +195,8 @@ class LiveKernel:
         self._nft_marks = marks
         self.nft_exists = bool(marks)
         self.nft_intact = True
+        if self._memo is not None:
+            self._memo.wrote(marks)
 
 
 class DryRunKernel(LiveKernel):

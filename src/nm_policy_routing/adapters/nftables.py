@@ -48,21 +48,24 @@ def _in_child(work: Callable[[], Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 class Nftables:
-    """A libnftables context, bound to the network namespace of the creating thread."""
+    """A libnftables context, made at its first use (a hook run that finds nothing to change
+    loads no libnftables) and bound to the network namespace of that thread."""
 
     def __init__(self) -> None:
-        import nftables  # Debian's python3-nftables
-
-        self._nft = nftables.Nftables()
-        self._nft.set_json_output(True)
-        self._nft.set_handle_output(False)
+        self._ctx: Any = None
         #: transactions committed through this context (each adds one to the ruleset's generation)
         self.commits = 0
         #: the last :meth:`foreign` listed the ruleset (False: the listing crashed)
         self.listed = False
 
     def _run(self, what: str, cmd: Dict[str, Any], missing_ok: bool = False, commit: bool = False) -> Dict[str, Any]:
-        rc, output, error = self._nft.json_cmd(cmd)
+        if self._ctx is None:
+            import nftables  # Debian's python3-nftables
+
+            self._ctx = nftables.Nftables()
+            self._ctx.set_json_output(True)
+            self._ctx.set_handle_output(False)
+        rc, output, error = self._ctx.json_cmd(cmd)
         if rc == 0:
             self.commits += commit
             return output or {}
