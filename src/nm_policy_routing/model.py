@@ -44,7 +44,7 @@ def dataclass(cls=None, *, frozen: bool = False, order: bool = False):
     ``inspect`` (~6 ms), both at every dispatcher event; these methods are closures."""
     if cls is None:
         return functools.partial(dataclass, frozen=frozen, order=order)
-    names = tuple(cls.__dict__.get("__annotations__", {}))
+    names = tuple(name for name, kind in cls.__annotations__.items() if not str(kind).startswith("ClassVar"))
     defaults, factories, in_repr = {}, {}, []
     for name in names:
         spec = cls.__dict__.get(name, _NO_DEFAULT)

@@ -69,3 +69,15 @@ def test_frozen_defaults_factories_post_init_and_replace() -> None:
     plan = ConnectionPlan(Connection("u", "c", "eth0", (Address.parse("10.0.0.2/24"),)), None)
     assert plan.state == KernelState() and plan.status == "ok" and plan.state is not ConnectionPlan(plan.connection,
                                                                                                      None).state
+
+
+def test_a_class_variable_is_not_a_field() -> None:
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class WithClassVar:
+        kind: ClassVar[str] = "k"
+        a: int = 1
+
+    assert WithClassVar(2).a == 2 and WithClassVar.kind == "k" and repr(WithClassVar()) == \
+        "test_a_class_variable_is_not_a_field.<locals>.WithClassVar(a=1)"
