@@ -27,12 +27,11 @@ reported, not an error), :func:`read` finds our programs, :func:`attach` attache
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from .errors import PolicyRoutingError
 from .journal import about
-from .model import Allocation, Connection, ConnectionPlan, KernelState, Policy, Rule, SockMark
+from .model import Allocation, Connection, ConnectionPlan, KernelState, Policy, Rule, SockMark, replace
 
 _UNSPECIFIED = {4: ("0.0.0.0", 32)}
 log = logging.getLogger(__name__)

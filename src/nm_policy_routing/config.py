@@ -20,11 +20,10 @@ file is read by :func:`load`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .errors import PolicyError
-from .model import PREFIX, Connection
+from .model import PREFIX, Connection, dataclass, field
 from .policy import KEYS, policy_keys
 
 DEFAULT_PATH = "/etc/nm-policy-routing/defaults.conf"

@@ -5,7 +5,9 @@ Facts come from the environment first (IP variables on ``up``/``dhcp*-change``,
 lacks (user data on NM < 1.46, addresses on ``pre-up``). For a VPN (``vpn-*`` events)
 the interface is the event's ``VPN_IP_IFACE`` (tun0), its addresses and gateway the
 ``VPN_IP*_`` ones; a gateway ``0.0.0.0``/``::`` means none. A ``down`` for a connection
-that NetworkManager reports active again (a stale, queued event) removes nothing.
+that NetworkManager reports active again (a stale, queued event) removes nothing; a
+``pre-down`` asks NetworkManager nothing (it is never stale), unless the record is damaged
+and every active connection is re-applied.
 An address still tentative (duplicate address detection) is left out and a detached,
 bounded wait (settle.py) re-applies when it is ready.
 NetworkManager is asked over the synchronous client (adapters/syncbus.py) with the
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 ENSURE = {"pre-up", "up", "dhcp4-change", "dhcp6-change", "reapply", "vpn-pre-up", "vpn-up"}
 REMOVE = {"pre-down", "down", "vpn-pre-down", "vpn-down"}
+#: the connection is still up and going down now: nothing NetworkManager says changes what to do
+PRE_DOWN = {"pre-down", "vpn-pre-down"}
 _OCTAL = re.compile(r"_([0-7]{3})")
 
 
@@ -171,13 +175,14 @@ def handle(iface: str, action: str, env: Mapping[str, str], make_engine: Callabl
     from .journal import about, named
 
     event = SimpleNamespace(uuid=uuid, id=env.get("CONNECTION_ID", uuid), iface=env.get("DEVICE_IP_IFACE") or iface)
-    try:
-        state, bus_facts = _from_bus(uuid, with_facts=action in ENSURE)
-        bus_ok = True
-    except NetworkManagerError as exc:
-        log.warning("%s: %s: NetworkManager is not reachable over D-Bus (%s); using the event's environment",
-                    named(event), action, exc, extra=about(event))
-        state, bus_facts, bus_ok = None, None, False
+    state, bus_facts, bus_ok = None, None, True
+    if action not in PRE_DOWN:  # a pre-down is never stale: it asks NetworkManager nothing (but a rebuild)
+        try:
+            state, bus_facts = _from_bus(uuid, with_facts=action in ENSURE)
+        except NetworkManagerError as exc:
+            log.warning("%s: %s: NetworkManager is not reachable over D-Bus (%s); using the event's environment",
+                        named(event), action, exc, extra=about(event))
+            bus_ok = False
     if action in REMOVE:
         if bus_ok and state in (ACTIVATING, ACTIVATED) and action in ("down", "vpn-down"):
             return f"{action} for {uuid}: stale (NetworkManager reports it active again), kept"
@@ -204,7 +209,7 @@ def handle(iface: str, action: str, env: Mapping[str, str], make_engine: Callabl
     if conn is not None and env.get("VPN_IP_IFACE") and conn.iface != env["VPN_IP_IFACE"]:
         # a VPN's own interface (tun0) is the event's word; D-Bus names it only when
         # NetworkManager has a device for it (see NetworkManagerBus.facts)
-        from dataclasses import replace
+        from .model import replace
 
         conn = replace(conn, iface=env["VPN_IP_IFACE"])
     if conn is None:

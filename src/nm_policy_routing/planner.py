@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
 from typing import (TYPE_CHECKING, Callable, Container, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
 
@@ -37,6 +36,9 @@ from .model import (
     Rule,
     Sysctl,
     real_gateway,
+    dataclass,
+    field,
+    replace,
 )
 from .policy import parse_policy
 

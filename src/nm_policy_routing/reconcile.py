@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Set,
                     Tuple, Union)
 
@@ -23,7 +22,8 @@ from .caveats import caveats
 from .errors import PolicyRoutingError, VerifyError
 from .faults import fault_point
 from .journal import about, named
-from .model import Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
+from .model import (Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl,
+                    dataclass, field, replace)
 from .planner import plan, with_status
 from .record import Record, allocations_from_kernel, locked, state_dir
 from .rollback import roll_back, route_key, slot, undo_adds
@@ -134,7 +134,7 @@ class Engine:
             return self._kernel_factory()
         from .adapters.kernel import DryRunKernel, LiveKernel
 
-        return DryRunKernel() if self.dry_run else LiveKernel()
+        return DryRunKernel() if self.dry_run else LiveKernel(self.directory)
 
     # ---- doors ---------------------------------------------------------
 

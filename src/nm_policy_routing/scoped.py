@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .errors import PolicyRoutingError
-from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState
+from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, replace
 from .planner import plan
 from .record import (Record, allocation_from_json, allocation_to_json, connection_from_json, connection_to_json,
                      locked, policy_from_json, policy_to_json)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
 
@@ -26,7 +25,7 @@ from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED
                                       PROPS, NetworkManagerBus)
 from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
-from .model import Address, Connection
+from .model import Address, Connection, replace
 from .journal import about, named
 from .scoped import Scoped
 from .story import tell

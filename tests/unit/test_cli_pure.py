@@ -143,3 +143,27 @@ def test_anything_else_is_left_to_the_parser(argv) -> None:
     from nm_policy_routing.cli import _dispatch_args
 
     assert _dispatch_args(argv) is None
+
+
+@pytest.mark.parametrize("action,asks", [("pre-down", False), ("vpn-pre-down", False), ("down", True),
+                                         ("vpn-down", True)])
+def test_only_a_down_asks_networkmanager_whether_it_is_stale(tmp_path, monkeypatch, action, asks) -> None:
+    """A pre-down removes the policy without a D-Bus round trip (it cannot be stale); a down
+    asks, and keeps the policy of a connection NetworkManager reports active again."""
+    from types import SimpleNamespace
+
+    from nm_policy_routing import dispatch
+    from nm_policy_routing.adapters.nmfacts import ACTIVATED
+    from nm_policy_routing.reconcile import Result
+
+    asked, removed = [], []
+
+    def from_bus(uuid, with_facts):
+        asked.append(uuid)
+        return ACTIVATED, None
+
+    monkeypatch.setattr(dispatch, "_from_bus", from_bus)
+    engine = SimpleNamespace(directory=str(tmp_path), remove=lambda uuid: removed.append(uuid) or Result())
+    outcome = dispatch.handle("eth1", action, {"CONNECTION_UUID": "u1", "CONNECTION_ID": "c"}, lambda: engine)
+    assert asked == (["u1"] if asks else [])
+    assert removed == ([] if asks else ["u1"]), outcome

@@ -4,7 +4,7 @@ record, tentative addresses, one family refused (pure, or with a kernel held in 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from nm_policy_routing.model import replace
 
 from nm_policy_routing.errors import KernelError
 from nm_policy_routing.model import Address, Route

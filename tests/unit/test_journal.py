@@ -22,13 +22,13 @@ class _MarkingKernel(_FakeKernel):
         return found[0] if found else 0
 
     def write_sysctl(self, entry):
-        from dataclasses import replace
+        from nm_policy_routing.model import replace
 
         kept = frozenset(s for s in self.state.sysctls if s.slot != entry.slot)
         self.state = replace(self.state, sysctls=kept | {entry})
 
     def set_marks(self, marks):
-        from dataclasses import replace
+        from nm_policy_routing.model import replace
 
         self.state = replace(self.state, marks=frozenset(marks))
 

@@ -32,7 +32,7 @@ class _FakeKernel:
         pass
 
     def _change(self, kind, entry, add):
-        from dataclasses import replace
+        from nm_policy_routing.model import replace
 
         entries = getattr(self.state, kind)
         self.state = replace(self.state, **{kind: entries | {entry} if add else entries - {entry}})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import commands, nftdelta
 from ..errors import KernelError, raise_first
@@ -11,11 +11,15 @@ from . import cgroups, nfnetlink, sysctl
 from .rtnl import Rtnl
 from .nftables import Nftables
 
+if TYPE_CHECKING:
+    import _socket
+
 
 class LiveKernel:
-    """Reads and writes what is ours in the current network namespace."""
+    """Reads and writes what is ours in the current network namespace. With ``directory`` (the
+    state directory) what the nftables ruleset held is remembered there between runs (nftmemo.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Optional[str] = None) -> None:
         self.netlink = Rtnl()
         self.nft = Nftables()
         self.nft_exists = False
@@ -28,13 +32,30 @@ class LiveKernel:
         #: those found attached at the last read or attached since
         self.known_ids: Dict[int, Tuple[int, int]] = {}
         self.live_ids: Dict[int, Tuple[int, int]] = {}
+        #: the netfilter socket (conntrack flush, ruleset generation), opened at first use and
+        #: closed with the kernel (see flush_conntrack)
+        self._conntrack: Optional[_socket.socket] = None
+        self._memo = None
+        if directory is not None:
+            from .nftmemo import NftMemo
+
+            self._memo = NftMemo(directory, self.nft, lambda: nfnetlink.nft_generation(self._netfilter()))
 
     def close(self) -> None:
+        if self._memo is not None:
+            self._memo.save()
         self.netlink.close()
+        if self._conntrack is not None:
+            self._conntrack.close()
+
+    def _netfilter(self) -> _socket.socket:
+        if self._conntrack is None:
+            self._conntrack = nfnetlink.conntrack_socket()
+        return self._conntrack
 
     def read(self, sysctl_slots: Iterable[str]) -> KernelState:
         self.netlink.invalidate()
-        marks, self.nft_intact, self.nft_exists = self.nft.our_marks()
+        marks, self.nft_intact, self.nft_exists = (self._memo or self.nft).our_marks()
         self._nft_marks = set(marks)
         return KernelState(
             frozenset(self.netlink.our_rules()),
@@ -110,7 +131,7 @@ class LiveKernel:
 
     def foreign(self) -> ForeignUsage:
         usage = self.netlink.foreign_usage()
-        marks, writers, early = self.nft.foreign()
+        marks, writers, early = (self._memo or self.nft).foreign()
         return ForeignUsage(usage.tables, usage.priorities, usage.marks + tuple(marks), tuple(writers),
                             tuple(early))
 
@@ -147,7 +168,11 @@ class LiveKernel:
         raise_first(self.del_rules([rule]))
 
     def flush_conntrack(self, mark: Fwmark) -> None:
-        nfnetlink.flush_conntrack_mark(mark.value, mark.mask)
+        """The socket stays open until :meth:`close`: releasing a netfilter netlink socket waits for
+        nftables' deferred release of the last transaction's deleted objects (an RCU grace period,
+        ~10 ms here: ``nft_rcv_nl_event`` flushes that work); the flush follows the transaction that
+        deleted the marking, and the later close finds the wait (mostly) over."""
+        nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._netfilter())
 
     def change_marks(self, before: Iterable[Mark], after: Iterable[Mark]) -> None:
         """One connection's marks go from ``before`` to ``after`` (the others stay)."""
@@ -170,6 +195,8 @@ class LiveKernel:
         self._nft_marks = marks
         self.nft_exists = bool(marks)
         self.nft_intact = True
+        if self._memo is not None:
+            self._memo.wrote(marks)
 
 
 class DryRunKernel(LiveKernel):

@@ -1,9 +1,11 @@
-"""Two small nfnetlink conversations, spoken directly on a netlink socket (stdlib only).
+"""Small nfnetlink conversations, spoken directly on a netlink socket (stdlib only).
 
 - :func:`flush_conntrack_mark`: delete the conntrack entries whose mark matches
   VALUE/MASK, in every family, and nothing else (IPCTNL_MSG_CT_DELETE with a mark
   filter: the kernel's own filtered flush). pyroute2's conntrack API differs between
   0.7 and 0.9 and dumps one family only, so it is not used for this.
+- :func:`nft_generation`: the nftables ruleset's generation (NFT_MSG_GETGEN): every
+  committed transaction in the namespace adds one.
 - :class:`NftWatch`: nftables change notifications (group NFNLGRP_NFTABLES), to notice
   at once when something else deletes or changes our table (``nft flush ruleset``).
 """
@@ -26,7 +28,7 @@ CTA_MARK, CTA_MARK_MASK = 8, 21
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFNLGRP_NFTABLES = 7
-NFT_MSG_NEWGEN, NFTA_GEN_PROC_PID = 15, 2
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN, NFTA_GEN_ID, NFTA_GEN_PROC_PID = 15, 16, 1, 2
 #: nftables messages whose first attribute (type 1) is the table name
 NFT_MSG_NAMES = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule",
                  9: "newset", 11: "delset", 12: "newsetelem", 14: "delsetelem"}
@@ -71,6 +73,21 @@ def flush_conntrack_mark(value: int, mask: int, sock: Optional[socket.socket] = 
     raise KernelError(f"conntrack refused to flush mark 0x{value:x}/0x{mask:x}: {os.strerror(code)}")
 
 
+def nft_generation(sock: socket.socket) -> int:
+    """The ruleset's generation id, asked on ``sock`` (a :func:`conntrack_socket`)."""
+    sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST,
+                       struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)))
+    for msg_type, payload in _messages(sock.recv(65536)):
+        if msg_type == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            generation = _u32_attr(payload, NFTA_GEN_ID)
+            if generation is not None:
+                return generation
+        if msg_type == NLMSG_ERROR:
+            code = -struct.unpack("=i", payload[:4])[0]
+            raise KernelError(f"nftables did not tell its ruleset generation: {os.strerror(code)}")
+    raise KernelError("nftables did not tell its ruleset generation")
+
+
 def _ack(reply: bytes) -> int:
     for msg_type, payload in _messages(reply):
         if msg_type == NLMSG_ERROR:
@@ -103,12 +120,17 @@ def _first_string_attr(payload: bytes) -> str:
 
 def _gen_pid(payload: bytes) -> Optional[int]:
     """NFTA_GEN_PROC_PID of a NEWGEN message: the thread that committed the batch."""
+    return _u32_attr(payload, NFTA_GEN_PROC_PID)
+
+
+def _u32_attr(payload: bytes, wanted: int) -> Optional[int]:
+    """A big-endian 32-bit attribute after the 4-byte nfgenmsg."""
     offset = 4
     while offset + 4 <= len(payload):
         length, kind = struct.unpack_from("=HH", payload, offset)
         if length < 4:
             break
-        if kind & 0x3FFF == NFTA_GEN_PROC_PID and length >= 8:
+        if kind & 0x3FFF == wanted and length >= 8:
             return struct.unpack_from(">I", payload, offset + 4)[0]
         offset += (length + 3) & ~3
     return None

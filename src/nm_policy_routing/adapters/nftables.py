@@ -48,18 +48,26 @@ def _in_child(work: Callable[[], Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 class Nftables:
-    """A libnftables context, bound to the network namespace of the creating thread."""
+    """A libnftables context, made at its first use (a hook run that finds nothing to change
+    loads no libnftables) and bound to the network namespace of that thread."""
 
     def __init__(self) -> None:
-        import nftables  # Debian's python3-nftables
+        self._ctx: Any = None
+        #: transactions committed through this context (each adds one to the ruleset's generation)
+        self.commits = 0
+        #: the last :meth:`foreign` listed the ruleset (False: the listing crashed)
+        self.listed = False
 
-        self._nft = nftables.Nftables()
-        self._nft.set_json_output(True)
-        self._nft.set_handle_output(False)
+    def _run(self, what: str, cmd: Dict[str, Any], missing_ok: bool = False, commit: bool = False) -> Dict[str, Any]:
+        if self._ctx is None:
+            import nftables  # Debian's python3-nftables
 
-    def _run(self, what: str, cmd: Dict[str, Any], missing_ok: bool = False) -> Dict[str, Any]:
-        rc, output, error = self._nft.json_cmd(cmd)
+            self._ctx = nftables.Nftables()
+            self._ctx.set_json_output(True)
+            self._ctx.set_handle_output(False)
+        rc, output, error = self._ctx.json_cmd(cmd)
         if rc == 0:
+            self.commits += commit
             return output or {}
         if missing_ok and ("No such file" in error or rc == errno.ENOENT):
             return {}
@@ -85,6 +93,7 @@ class Nftables:
         process: libnftables 1.0.6 (Debian 12) crashes with SIGSEGV on sets written by
         nft >= 1.1.2 (containers ship one), and a crash must cost only these checks."""
         ruleset = _in_child(lambda: self._run("list the ruleset", {"nftables": [{"list": {"ruleset": None}}]}))
+        self.listed = ruleset is not None
         if ruleset is None:
             log.warning("listing the nftables ruleset crashed libnftables (a set written by a newer nft, "
                         "see nftables commit be737a19); mark bits of other tables are not checked")
@@ -96,10 +105,10 @@ class Nftables:
         marks = set(marks)
         if not marks:
             if exists:
-                self._run("delete our table", nftjson.delete_table(), missing_ok=True)
+                self._run("delete our table", nftjson.delete_table(), missing_ok=True, commit=True)
             return
-        self._run("replace our table", nftjson.replace_table(marks, exists))
+        self._run("replace our table", nftjson.replace_table(marks, exists), commit=True)
 
     def change(self, cmd: Dict[str, Any]) -> None:
         """One transaction of element-by-element changes to our table (nftdelta.py)."""
-        self._run("change our table's marking entries", cmd)
+        self._run("change our table's marking entries", cmd, commit=True)

@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .. import nftdelta, nftjson
 from ..errors import KernelError
-from ..model import RT_PROTO, ForeignUsage, Fwmark, KernelState, Mark, Route, Rule, Sysctl
+from ..model import RT_PROTO, ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
 from . import nfnetlink, nftraw, sysctl
 from .kernel import LiveKernel
 from .rtnl import Rtnl
@@ -223,9 +223,6 @@ class ResidentKernel(LiveKernel):
         except nftraw.Unsupported:
             self.nft.change(change)
 
-    def flush_conntrack(self, mark: Fwmark) -> None:
-        nfnetlink.flush_conntrack_mark(mark.value, mark.mask, self._conntrack)
-
     def read_sysctl(self, family: str, iface: str, key: str) -> Optional[int]:
         slot = (family, iface, key)
         value = self._sysctls.get(slot)
@@ -297,7 +294,6 @@ class ResidentKernel(LiveKernel):
         """Kept open for the next event (see :meth:`shutdown`)."""
 
     def shutdown(self) -> None:
-        self._conntrack.close()
         self._nftraw.close()
         super().close()
 
