@@ -32,9 +32,11 @@ def test_hook_event_after_damage_keeps_every_connection(lab: Lab) -> None:
         with open(os.path.join(world.state_dir, "state.json"), "w") as handle:
             json.dump({"version": 1, "connections": "garbage", "sysctls": [], "outcomes": 1}, handle)
         proc = world.dispatch(SERVICE_UUID, "up")
-        assert proc.returncode == 0 and "damaged" in proc.stderr, proc.stderr
+        # the next event rebuilds it: this one, or NetworkManager's own 'up' to the hook if it
+        # was still on its way (the record is set aside once, by whichever came first)
+        assert proc.returncode == 0, proc.stderr
+        assert glob.glob(os.path.join(world.state_dir, "state.json.damaged-*")), proc.stderr
         assert world.policy_state() == state, "both connections keep their policies"
-        assert glob.glob(os.path.join(world.state_dir, "state.json.damaged-*"))
         known = json.load(open(os.path.join(world.state_dir, "state.json")))["connections"]
         assert set(known) >= {SERVICE_UUID, MGMT_UUID}
         world.nm.down("mgmt")
