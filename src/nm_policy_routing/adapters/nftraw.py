@@ -4,10 +4,9 @@ libnftables reads the whole table into its cache before a transaction that adds 
 map element jumping to a chain (every chain of ours: three per mark), which makes one
 connection's change cost O(N). The element-by-element changes nftdelta.py makes use a
 handful of shapes (map elements with a jump, per-mark chains and their rules, the base
-chains' few rules written anew when a direction comes or goes), and so does making the
-whole table (its maps and base chains besides) or deleting it; this module encodes exactly
-those as the netlink messages nft itself sends (checked against ``nft --debug=netlink``
-and ``--debug=mnl``), in one batch (all or nothing, as one ``json_cmd``). Any other shape
+chains' few rules written anew when a direction comes or goes); this module
+encodes exactly those as the netlink messages nft itself sends (checked against ``nft
+--debug=netlink``), in one batch (all or nothing, as one ``json_cmd``). Any other shape
 raises :class:`Unsupported` before anything is sent: the caller then uses libnftables.
 """
 
@@ -26,8 +25,7 @@ from .nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLMSG_ERROR, _at
 NFPROTO_INET = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NEWTABLE, DELTABLE, NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSET = 0, 2, 3, 5, 6, 8, 9
-NEWSETELEM, DELSETELEM = 12, 14
+NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSETELEM, DELSETELEM = 3, 5, 6, 8, 12, 14
 NLA_F_NESTED = 0x8000
 NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NF_ACCEPT, NFT_JUMP, NFT_RETURN = 1, -3, -5
@@ -52,7 +50,7 @@ def _str(kind: int, text: str) -> bytes:
 
 
 def _be32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack(">I", value & U32))  # (a negative priority as its two's complement)
+    return _attr(kind, struct.pack(">I", value & U32))
 
 
 def _value(kind: int, raw: bytes) -> bytes:
@@ -185,65 +183,14 @@ def _element(verb: str, obj: Dict[str, Any]) -> Tuple[int, int, bytes]:
     return (NEWSETELEM, NLM_F_CREATE, body) if verb == "add" else (DELSETELEM, 0, body)
 
 
-# ---- the table itself, its maps and base chains (nftjson.replace_table, delete_table) ------
-
-NFT_SET_MAP = 0x8
-NFT_DATA_VERDICT = 0xFFFFFF00
-#: nft's key types (datatype ids) and key lengths of our maps' keys
-_MAP_KEYS = {"mark": (19, 4), "ifname": (41, IFNAMSIZ)}
-#: the set's user data nft writes for these maps (its listing reads the key's byte order there):
-#: key byte order host-endian, data byte order none, no merged elements (checked with --debug=mnl)
-_MAP_UDATA = b"".join(bytes((kind, 4)) + struct.pack("=I", value) for kind, value in ((0, 1), (1, 0), (6, 0)))
-_HOOKS = {"prerouting": 0, "output": 3}  # NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT
-
-
-def _table(verb: str, obj: Dict[str, Any]) -> Tuple[int, int, bytes]:
-    if obj.get("name") != NFT_TABLE or verb not in ("add", "delete"):
-        raise Unsupported(f"{verb} table {obj.get('name')}")
-    if verb == "add":
-        return NEWTABLE, NLM_F_CREATE, _str(1, NFT_TABLE) + _be32(2, 0)  # NFTA_TABLE_NAME, _FLAGS
-    return DELTABLE, 0, _str(1, NFT_TABLE)
-
-
-def _map(obj: Dict[str, Any], set_id: int) -> Tuple[int, int, bytes]:
-    """A verdict map keyed by a mark or an interface name."""
-    if set(obj) - {"family", "table"} != {"name", "type", "map"} or obj["map"] != "verdict" \
-            or obj["type"] not in _MAP_KEYS:
-        raise Unsupported(f"map {obj}")
-    key_type, key_len = _MAP_KEYS[obj["type"]]
-    # NFTA_SET_TABLE, _NAME, _FLAGS, _KEY_TYPE, _KEY_LEN, _DATA_TYPE, _DATA_LEN, _ID, _USERDATA
-    body = (_str(1, NFT_TABLE) + _str(2, obj["name"]) + _be32(3, NFT_SET_MAP) + _be32(4, key_type)
-            + _be32(5, key_len) + _be32(6, NFT_DATA_VERDICT) + _be32(7, 0) + _be32(10, set_id)
-            + _attr(13, _MAP_UDATA))
-    return NEWSET, NLM_F_CREATE, body
-
-
-def _base_chain(obj: Dict[str, Any]) -> Tuple[int, int, bytes]:
-    if set(obj) - {"family", "table"} != {"name", "type", "hook", "prio", "policy"} \
-            or _HOOKS.get(obj["hook"]) is None or obj["type"] not in ("filter", "route") \
-            or obj["policy"] != "accept" or not isinstance(obj["prio"], int):
-        raise Unsupported(f"chain {obj}")
-    hook = _nest(4, _be32(1, _HOOKS[obj["hook"]]), _be32(2, obj["prio"]))  # NFTA_HOOK_HOOKNUM, _PRIORITY
-    # NFTA_CHAIN_TABLE, _NAME, _TYPE, _POLICY, _HOOK
-    return NEWCHAIN, NLM_F_CREATE, (_str(1, NFT_TABLE) + _str(3, obj["name"]) + _str(7, obj["type"])
-                                    + _be32(5, NF_ACCEPT) + hook)
-
-
-def message(cmd: Dict[str, Any], set_id: int = 1) -> Tuple[int, int, bytes]:
-    """(message type, flags, attributes) of one command of an nftdelta transaction, or of one
-    that makes or deletes the whole table (``set_id``: a map's id, unique in its batch)."""
+def message(cmd: Dict[str, Any]) -> Tuple[int, int, bytes]:
+    """(message type, flags, attributes) of one command of an nftdelta transaction."""
     (verb, spec), = cmd.items()
     (kind, obj), = spec.items()
     if obj.get("family", "inet") != "inet" or obj.get("table", NFT_TABLE) != NFT_TABLE:
         raise Unsupported(f"{verb} {kind} outside our table")
     if kind == "element" and verb in ("add", "delete"):
         return _element(verb, obj)
-    if kind == "table":
-        return _table(verb, obj)
-    if kind == "map" and verb == "add":
-        return _map(obj, set_id)
-    if kind == "chain" and verb == "add" and "hook" in obj:
-        return _base_chain(obj)
     if kind == "chain" and set(obj) <= {"family", "table", "name"}:
         body = _str(1, NFT_TABLE) + _str(3, obj["name"])  # NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME
         types = {"add": (NEWCHAIN, NLM_F_CREATE), "delete": (DELCHAIN, 0),
@@ -277,8 +224,7 @@ class NftBatch:
 
     def commit(self, transaction: Dict[str, Any]) -> None:
         """Every command of ``transaction`` (``{"nftables": [...]}`` from nftdelta) or none."""
-        # Unsupported: before sending
-        messages = [message(cmd, set_id) for set_id, cmd in enumerate(transaction["nftables"], 1)]
+        messages = [message(cmd) for cmd in transaction["nftables"]]  # Unsupported: before sending
         if not messages:
             return
         _, begin = self._header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, b"")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .. import nftdelta, nftjson
+from .. import nftdelta
 from ..errors import KernelError
 from ..model import RT_PROTO, ForeignUsage, KernelState, Mark, Route, Rule, Sysctl
 from . import nfnetlink, nftraw, sysctl
@@ -49,8 +49,6 @@ class _RememberingNftables(Nftables):
         self.remembered: Optional[tuple] = None
         #: our table's marks as last listed or committed; None: list it again
         self.view: Optional[nftdelta.MarkIndex] = None
-        #: the resident kernel's nfnetlink socket, for making the table anew
-        self.raw: Optional[nftraw.NftBatch] = None
 
     def foreign(self):
         """(marks, writers, early reverse-path filters) of the other nft tables, as last listed."""
@@ -75,17 +73,9 @@ class _RememberingNftables(Nftables):
         return marks, intact, exists
 
     def replace(self, marks: Iterable[Mark], exists: bool) -> None:
-        """The table made anew (or deleted): spoken directly when the resident kernel gave its
-        nfnetlink socket (``raw``), else, or when that is refused, by libnftables."""
         marks = frozenset(marks)
         self.view = None
-        transaction = nftjson.replace_table(marks, exists) if marks else nftjson.delete_table() if exists else None
-        try:
-            if self.raw is None or transaction is None:
-                raise nftraw.Unsupported("no nfnetlink socket")
-            self.raw.commit(transaction)
-        except (nftraw.Unsupported, KernelError, OSError):  # (all or nothing: libnftables says why)
-            super().replace(marks, exists)
+        super().replace(marks, exists)
         self.view = nftdelta.MarkIndex(marks)
 
     def change(self, cmd: Dict[str, Any]) -> None:
@@ -213,7 +203,7 @@ class ResidentKernel(LiveKernel):
         #: sysctl values as last read (a value we write is read again, for the verify)
         self._sysctls: Dict[Tuple[str, str, str], int] = {}
         self._conntrack = nfnetlink.conntrack_socket()
-        self._nftraw = self.nft.raw = nftraw.NftBatch()
+        self._nftraw = nftraw.NftBatch()
 
     def _commit(self, change: Dict[str, Any]) -> None:
         """One element-by-element transaction: spoken directly (libnftables would read the whole
