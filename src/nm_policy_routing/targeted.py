@@ -239,6 +239,8 @@ class Targeted:
             return "ok", f"{request}: its pre-down came meanwhile, nothing installed"
         if signalled in self._pending:  # (e.g. its deactivation): that signal's facts are newer
             return "ok", f"{request}: a newer signal about it came meanwhile; acting on that one"
+        if signalled is None:  # the hook's event, checked with NetworkManager just now: it is active
+            self._leaving.pop(self._paths.get(conn.uuid), None)
         result = await self._engine(self._ensure_one, conn, since)
         cp = result.plan_of(conn.uuid)
         gone = self.missing_addresses(conn) if cp is not None and cp.status == "error" else []
@@ -261,8 +263,11 @@ class Targeted:
     async def _remove(self, request: Request, active_again: bool, since: float) -> Tuple[str, str]:
         if active_again:
             return "ok", f"{request}: stale (NetworkManager reports it active again), kept"
-        leaving = self._paths.pop(request.uuid, None)
-        if leaving and request.action.endswith("pre-down"):
+        # a pre-down keeps the path as the UUID's hint: NetworkManager still shows the connection
+        # (deactivating) until its signals say it went; a later event checks the path's UUID and state
+        pre_down = request.action.endswith("pre-down")
+        leaving = self._paths.get(request.uuid) if pre_down else self._paths.pop(request.uuid, None)
+        if leaving and pre_down:
             if len(self._leaving) > 1024:  # (each is dropped when it goes; stay bounded if not)
                 self._leaving.clear()
             self._leaving[leaving] = None
