@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = "/run/nm-policy-routing"
 VERSION = 1
 _THREAD_LOCK = threading.RLock()
+_HELD = threading.local()  # .depth: how many locked() this thread is in
 #: a full save (state.json whole) when the per-entry files outnumber this plus twice the connections
 OVERLAY_SLACK = 64
 
@@ -263,13 +264,14 @@ class Record:
         overlays: Dict[str, Dict[str, Any]] = {}
         stale: set = set()
         try:
-            try:
-                with open(path) as handle:
-                    data = json.load(handle)
-                    base = stamp_of(os.fstat(handle.fileno()))
-            except FileNotFoundError:
-                data = {}
-            overlays, stale = read_overlays(directory, base, _SECTIONS)
+            with _reading(directory):
+                try:
+                    with open(path) as handle:
+                        data = json.load(handle)
+                        base = stamp_of(os.fstat(handle.fileno()))
+                except FileNotFoundError:
+                    data = {}
+                overlays, stale = read_overlays(directory, base, _SECTIONS)
             if base is not None:
                 apply_overlays(data, overlays.values())
                 problem = damage(data)
@@ -402,6 +404,32 @@ def locked(directory: str) -> Iterator[None]:
         fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            _HELD.depth = getattr(_HELD, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                _HELD.depth -= 1
         finally:
             os.close(fd)
+
+
+@contextmanager
+def _reading(directory: str) -> Iterator[None]:
+    """A load sees one save whole: ``state.json`` and the ``state.d`` entries written with it
+    (a save replaces the one and removes or adds the others, under the lock). A thread that
+    holds the lock reads as it is; any other takes it shared for the read (it waits for a
+    save in progress). Without a lock file nobody ever saved; one we may not open (not
+    root) is read as it is."""
+    if getattr(_HELD, "depth", 0):
+        yield
+        return
+    try:
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)

@@ -108,3 +108,47 @@ def test_a_damaged_entry_file_sets_the_whole_record_aside(tmp_path) -> None:
     os.makedirs(tmp_path / OVERLAYS, exist_ok=True)
     (tmp_path / OVERLAYS / ("allocations." + NEW)).write_text(json.dumps(bad_entry))
     assert "allocations" in Record.load(str(tmp_path)).damaged
+
+
+def test_a_load_outside_the_lock_sees_a_full_save_whole(tmp_path, monkeypatch) -> None:
+    """The daemon's re-sync, settle, status and the hook's damage check load without the lock:
+    a full save by someone else (state.json replaced, then the entry files removed) must not be
+    seen half-way (the old state.json without its entry files, or an entry file gone while read)."""
+    import threading
+
+    from nm_policy_routing import record as record_module
+    from nm_policy_routing.record import locked
+
+    _one_event(tmp_path)
+    halfway, go_on, seen = threading.Event(), threading.Event(), {}
+    real_unlink = os.unlink
+
+    def slow_unlink(path, *args, **kwargs):  # the save stops after replacing state.json
+        halfway.set()
+        go_on.wait(5)
+        return real_unlink(path, *args, **kwargs)
+
+    def writer() -> None:
+        with locked(str(tmp_path)):
+            record = Record.load(str(tmp_path))
+            record.data["outcomes"].pop(SVC)
+            monkeypatch.setattr(record_module.os, "unlink", slow_unlink)
+            record.save()
+
+    def reader() -> None:
+        loaded = Record.load(str(tmp_path))
+        seen["damaged"], seen["connections"] = loaded.damaged, set(loaded.connections())
+        seen["outcomes"] = set(loaded.data.get("outcomes", {}))
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert halfway.wait(5), "the save reached its half-way point"
+    r = threading.Thread(target=reader)
+    r.start()
+    r.join(0.3)
+    assert r.is_alive(), "the load waits for the save in progress"
+    go_on.set()
+    w.join(5)
+    r.join(5)
+    monkeypatch.undo()
+    assert seen == {"damaged": None, "connections": {SVC, NEW}, "outcomes": set()}, seen

@@ -274,7 +274,10 @@ class ResidentKernel(LiveKernel):
                 self._commit(change)
             except (KernelError, OSError):  # the table changed under us: write it whole
                 marks = (view.marks - now) | later
-                self.nft.replace(marks, True)
+                try:
+                    self.nft.replace(marks, True)
+                except KernelError:  # (someone deleted it: make it anew)
+                    self.nft.replace(marks, False)
                 self._nft_marks = set(marks)
                 return
         view.apply(now, later)
