@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import KernelError, NotPermittedError
 from ..model import NFT_TABLE
 from .nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLMSG_ERROR, _attr
+from .rtnl import _messages
 
 NFPROTO_INET = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
@@ -236,22 +237,18 @@ class NftBatch:
             parts.append(raw)
         parts.append(self._header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES, b"")[1])
         self.sock.send(b"".join(parts))
-        self._acks(seqs, messages, transaction["nftables"])
+        self._acks(seqs, transaction["nftables"])
 
-    def _acks(self, seqs: List[int], messages: list, cmds: list) -> None:
+    def _acks(self, seqs: List[int], cmds: list) -> None:
         waiting = dict(zip(seqs, cmds))
         failed: List[Tuple[int, Any]] = []
         while waiting:
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+            for kind, _flags, seq, body in _messages(self.sock.recv(1 << 16)):
                 if kind == NLMSG_ERROR and seq in waiting:
-                    code = -struct.unpack_from("=i", data, offset + 16)[0]
+                    code = -struct.unpack_from("=i", body)[0]
                     cmd = waiting.pop(seq)
                     if code:
                         failed.append((code, cmd))
-                offset += (length + 3) & ~3 if length else len(data)
         if failed:
             code, cmd = failed[0]
             if code == errno.EPERM:
