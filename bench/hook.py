@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -26,8 +25,6 @@ from tests.lab.netns import Lab, wait_for
 from tests.lab.nm import SERVICE_UUID
 from tests.lab.world import HOOK, World, install_hook
 
-WATCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lab",
-                     "activation_watch.py")
 ACTIONS = ("pre-up", "up", "pre-down", "down")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,34 +69,6 @@ def daemon_delay(world: World, count: int) -> List[float]:
     return delays
 
 
-def activations(world: World, count: int) -> List[dict]:
-    """Per activation: were our rule and route in the kernel before ACTIVATED (the watcher's view)?"""
-    ready, progress = (os.path.join(world.base, name) for name in ("watch.ready", "watch.progress"))
-    watcher = subprocess.Popen(["ip", "netns", "exec", world.host.name, sys.executable, WATCH, SERVICE_UUID,
-                                "100", str(count), ready, progress], env=world.cli_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: os.path.exists(ready), timeout=20)
-        for n in range(count):
-            world.nm.up("service")
-            world.nm.down("service")
-            wait_for(lambda: _lines(progress) > n, timeout=20)
-        out, _ = watcher.communicate(timeout=60)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-    return json.loads(out)["activations"]
-
-
-def _lines(path: str) -> int:
-    try:
-        with open(path) as handle:
-            return len(handle.readlines())
-    except FileNotFoundError:
-        return 0
-
-
 def run(count: int = 20, activation_count: int = 100) -> Dict[str, Dict[str, float]]:
     results: Dict[str, Dict[str, float]] = {}
     with Lab() as lab:
@@ -119,7 +88,7 @@ def run(count: int = 20, activation_count: int = 100) -> Dict[str, Dict[str, flo
                                                              "baseline_ms": shell}
             world.nm.down("service")
             install_hook(world.nm.dispatcher_dir)
-            seen = activations(world, activation_count)
+            seen = world.watch_activations(activation_count)
             after = [0.0 if a["rule"] and a["route"] else (a["late_ms"] / 1000 if a["late_ms"] is not None
                                                            else float("inf")) for a in seen]
             results["activation -> verified kernel state, p50"] = {"ms": median_ms(after), "baseline_ms": None}

@@ -3,23 +3,20 @@ NetworkManager, real dispatcher, real kernel."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Iterator
 
 import pytest
 
-from tests.lab.netns import Lab, wait_for
+from tests.lab.netns import Lab
 from tests.lab.nm import SERVICE_UUID, service_keyfile
 from tests.lab.world import HOOK, World
 
 pytestmark = pytest.mark.nm
 
-WATCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lab", "activation_watch.py")
 SEED_POLICY = {"nm-policy-routing.enable": "yes", "nm-policy-routing.table": "100",
                "nm-policy-routing.fwmark": "0x1", "nm-policy-routing.priority": "1000"}
 ACTIVATIONS = 50
@@ -56,23 +53,7 @@ def ask(world: World, line: bytes, user: int = 0) -> str:
 def test_policy_in_kernel_before_activated_every_time(world: World) -> None:
     """Over 50 activations, a watcher on D-Bus and netlink sees our rule and table route before
     the connection's Connection.Active state becomes ACTIVATED."""
-    ready = os.path.join(world.base, "watch.ready")
-    progress = os.path.join(world.base, "watch.progress")
-    watcher = subprocess.Popen(["ip", "netns", "exec", world.host.name, sys.executable, WATCH, SERVICE_UUID,
-                                "100", str(ACTIVATIONS), ready, progress],
-                               env=world.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert wait_for(lambda: os.path.exists(ready), timeout=20), watcher.stderr
-        for n in range(ACTIVATIONS):
-            world.nm.up("service")
-            world.nm.down("service")
-            assert wait_for(lambda: _lines(progress) > n, timeout=20), f"the watcher missed deactivation {n}"
-        out, err = watcher.communicate(timeout=60)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-    seen = json.loads(out)["activations"]
+    seen = world.watch_activations(ACTIVATIONS)
     late = [a for a in seen if not (a["rule"] and a["route"])]
     leads = sorted(a["route_lead_ms"] for a in seen if a["route_lead_ms"] is not None)
     print(f"route in the kernel before ACTIVATED by (ms): min {leads[0] if leads else None}, "
@@ -82,14 +63,6 @@ def test_policy_in_kernel_before_activated_every_time(world: World) -> None:
     assert not world.our_rules(), "a policy stayed after the last down"
     noise = [line for line in world.daemon_tail(1_000_000).splitlines() if line.startswith(("ERROR", "WARNING"))]
     assert not noise, f"{len(noise)} errors or warnings over {ACTIVATIONS} plain up/downs: {noise[:3]}"
-
-
-def _lines(path: str) -> int:
-    try:
-        with open(path) as handle:
-            return len(handle.readlines())
-    except FileNotFoundError:
-        return 0
 
 
 def test_only_root_may_ask_and_a_forged_event_changes_nothing(world: World) -> None:

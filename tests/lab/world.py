@@ -16,6 +16,7 @@ from tests.lab.nm import NMLab
 
 VENV_BIN = os.path.dirname(sys.executable)
 HOOK = os.path.join(ROOT, "dispatcher.d", "50-nm-policy-routing")
+WATCH = os.path.join(ROOT, "tests", "lab", "activation_watch.py")
 CLI = os.path.join(VENV_BIN, "nm-policy-routing")
 PROTO = ("214", "nm-policy-routing")
 
@@ -115,6 +116,31 @@ class World:
             self.daemon = None
             self.daemon_log.close()
 
+    def watch_activations(self, count: int) -> List[Dict[str, Any]]:
+        """Bring 'service' up and down ``count`` times while activation_watch.py (D-Bus and netlink
+        on one loop, in the host namespace) watches: per activation, were our rule and table
+        route in the kernel when ACTIVATED arrived, or how long after."""
+        from tests.lab.nm import SERVICE_UUID
+
+        ready, progress = (os.path.join(self.base, name) for name in ("watch.ready", "watch.progress"))
+        watcher = subprocess.Popen(["ip", "netns", "exec", self.host.name, sys.executable, WATCH, SERVICE_UUID,
+                                    "100", str(count), ready, progress], env=self.cli_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if not wait_for(lambda: os.path.exists(ready), timeout=20):
+                raise AssertionError("the activation watcher did not start")
+            for n in range(count):
+                self.nm.up("service")
+                self.nm.down("service")
+                if not wait_for(lambda: _lines(progress) > n, timeout=20):
+                    raise AssertionError(f"the watcher missed deactivation {n}")
+            out, _ = watcher.communicate(timeout=60)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait()
+        return json.loads(out)["activations"]
+
     def daemon_tail(self, lines: int = 30) -> str:
         try:
             with open(os.path.join(self.base, "daemon.log")) as handle:
@@ -202,3 +228,11 @@ def _nft_order(item: Dict[str, Any]) -> tuple:
         rule = item["rule"]
         return ("rule", rule.get("family"), rule.get("table"), rule.get("chain"), "")
     return ("", "", "", "", json.dumps(item, sort_keys=True))
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path) as handle:
+            return len(handle.readlines())
+    except FileNotFoundError:
+        return 0
