@@ -173,6 +173,7 @@ class Daemon:
             log.warning("not re-syncing: no connection to the D-Bus system bus (re-syncs when it is back)")
             return
         try:
+            await nm.refresh()  # the mirror of NetworkManager's objects loaded anew: the safety net
             if await nm.starting_up():
                 log.info("NetworkManager is still starting up; waiting before re-syncing")
                 return
@@ -324,8 +325,8 @@ class Daemon:
         """Connect, subscribe, then learn NetworkManager's owner (subscribe first, then snapshot)."""
         nm = await NetworkManagerBus().connect()
         try:
+            await nm.remember()  # NetworkManager's objects and profiles' user data kept: no round trip per event
             nm.on_message(self._on_message)
-            await nm.remember()  # profiles' user data kept between their edits: one round trip less per event
             await nm.add_match(f"type='signal',sender='{NM}'")
             await nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
                                f"arg0='{NM}'")

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Executor
 from typing import Dict, List, Optional, Tuple
 
-from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED, DEACTIVATING, DEVICE, NM, NM_PATH,
+from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED, DEACTIVATING, DEVICE, NM,
                                       PROPS, NetworkManagerBus)
 from .errors import NetworkManagerError, PolicyRoutingError
 from .handoff import ENSURE, Request
@@ -67,8 +67,7 @@ class Targeted:
             device = self._devices.get(iface)
             try:
                 if device is None:
-                    device = self._devices[iface] = \
-                        (await self.nm.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
+                    device = self._devices[iface] = await self.nm.device_of(iface)
                 props = await self.nm.props(device, DEVICE)
                 break
             except NetworkManagerError:
@@ -322,10 +321,9 @@ class Targeted:
         since = time.monotonic()
         if path.startswith("device:"):
             try:
-                value = (await self.nm.call(path[7:], PROPS, "Get", "ss", [DEVICE, "ActiveConnection"]))[0]
+                path = (await self.nm.props(path[7:], DEVICE)).get("ActiveConnection")
             except NetworkManagerError:
                 return  # the device went away: its connection's own signal says so
-            path = getattr(value, "value", value)
             if not path or path == "/":
                 return
         try:

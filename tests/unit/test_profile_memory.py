@@ -39,11 +39,16 @@ class Profiles(NetworkManagerBus):
 
     def edit(self, path: str, data: Dict[str, str], member: str = "Updated") -> None:
         self.store[path] = data
-        self.signal(SimpleNamespace(interface=SETTINGS_CONN, member=member, path=path, body=[]))
+        self.signal(signal(interface=SETTINGS_CONN, member=member, path=path, body=[]))
 
     def signal(self, msg) -> None:
         for handler in self.handlers:
             handler(msg)
+
+
+def signal(sender: str = ":1.5", **fields) -> SimpleNamespace:
+    """A signal as dbus-next hands it to the message handlers."""
+    return SimpleNamespace(reply_serial=None, error_name=None, sender=sender, **fields)
 
 
 def run(coro):
@@ -83,8 +88,8 @@ def test_networkmanager_restarting_forgets_everything() -> None:
     run(nm.remember())
     run(nm.user_data(PATH))
     nm.store[PATH] = {"nm-policy-routing.table": "400"}  # (a new NetworkManager, other profiles)
-    nm.signal(SimpleNamespace(interface="org.freedesktop.DBus", member="NameOwnerChanged", path="/",
-                              body=[NM, ":1.5", ":1.9"]))
+    nm.signal(signal(interface="org.freedesktop.DBus", member="NameOwnerChanged", path="/",
+                     body=[NM, ":1.5", ":1.9"], sender="org.freedesktop.DBus"))
     assert run(nm.user_data(PATH)) == {"nm-policy-routing.table": "400"}
     assert nm.asked == 2
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from ..errors import NetworkManagerError
 from ..model import Connection
 from . import nmfacts
+from .nmmirror import OBJECT_MANAGER, ROOT, Mirror
 from .nmfacts import (ACTIVATED, ACTIVATING, ACTIVATION_EXTERNAL, ACTIVE, CALL_TIMEOUT, CONNECT_TIMEOUT,  # noqa: F401
                       DEACTIVATED, DEACTIVATING, DEVICE, NM, NM_PATH, PROPS, SETTINGS_CONN, SETTINGS_PATH)
 
@@ -62,6 +63,8 @@ class NetworkManagerBus:
         self._profiles: Optional[Dict[str, Dict[str, str]]] = None
         self._configs: Dict[str, Tuple[str, ...]] = {}
         self._edits = 0  # how many edits were signalled (a reply started before one is not kept)
+        #: with remember(): NetworkManager's objects as its signals describe them (nmmirror.py)
+        self.mirror: Optional[Mirror] = None
 
     async def connect(self, timeout: float = CONNECT_TIMEOUT) -> "NetworkManagerBus":
         _no_glib()
@@ -97,14 +100,14 @@ class NetworkManagerBus:
 
     async def call(self, path: str, interface: str, member: str, signature: str = "",
                    body: Optional[List[Any]] = None, destination: str = NM,
-                   timeout: float = CALL_TIMEOUT) -> List[Any]:
+                   timeout: float = CALL_TIMEOUT, serial: int = 0) -> List[Any]:
         from dbus_next import Message, MessageType
 
         if not self.connected:
             raise NetworkManagerError(f"cannot call {member} on {path}: the connection to the D-Bus system bus "
                                       "is closed (the bus went away); it is re-opened when the bus is back")
         msg = Message(destination=destination, path=path, interface=interface, member=member,
-                      signature=signature, body=body or [])
+                      signature=signature, body=body or [], serial=serial)
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), timeout)
         except asyncio.TimeoutError:
@@ -121,8 +124,19 @@ class NetworkManagerBus:
         return reply.body
 
     async def props(self, path: str, interface: str) -> Dict[str, Any]:
+        """The properties of ``interface`` at ``path`` (those the mirror keeps, when it holds them)."""
+        kept = self.mirror.answer(path, interface) if self.mirror is not None else None
+        if kept is not None:
+            if isinstance(kept, NetworkManagerError):
+                raise kept
+            return kept
         body = await self.call(path, PROPS, "GetAll", "s", [interface])
         return _plain(body[0])
+
+    async def device_of(self, iface: str) -> str:
+        """The device path of the interface ``iface`` (NetworkManagerError if none)."""
+        kept = self.mirror.device_of(iface) if self.mirror is not None else None
+        return kept or (await self.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
 
     async def name_owner(self) -> Optional[str]:
         try:
@@ -145,14 +159,17 @@ class NetworkManagerBus:
         self.bus.add_message_handler(handler)
 
     async def remember(self) -> None:
-        """Keep each profile's user data until NetworkManager signals that it changed
+        """Keep NetworkManager's objects as its signals describe them (nmmirror.py; loaded by
+        refresh()), and each profile's user data until NetworkManager signals that it changed
         (Settings.Connection ``Updated``/``Removed``) or restarts, so an event needs no
-        GetSettings round trip. Sound because one sender's messages arrive in order: the
+        round trip. The user data is kept only after a reply: sound because one sender's messages arrive in order: the
         signals NetworkManager sent before answering a call are handled (synchronously, by
         dbus-next's reader) before the caller resumes with the answer, so what is kept after
         a reply of NetworkManager reflects every edit it had made by then; an answer to
         GetSettings that started before an edit was signalled is used once, not kept."""
         self._profiles = {}
+        self.mirror = Mirror(_plain)
+        self.on_message(self.mirror.on_message)  # first: the daemon's own handler sees it current
         self.on_message(self._on_edit)
         await self.add_match(f"type='signal',sender='{NM}',interface='{SETTINGS_CONN}'")
         await self.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
@@ -163,6 +180,21 @@ class NetworkManagerBus:
             self.forget(msg.path)
         elif msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == NM:
             self.forget()  # its object paths mean other things now
+            if self.mirror is not None:
+                self.mirror.clear()
+
+    async def refresh(self) -> None:
+        """Load the mirror anew from one ``GetManagedObjects`` (needs a subscription to every
+        signal of NetworkManager first). If it fails, everything is asked over the bus until the
+        next refresh."""
+        if self.mirror is None or not self.connected:
+            return
+        serial = self.bus.next_serial()
+        self.mirror.expect(serial)
+        try:
+            await self.call(ROOT, OBJECT_MANAGER, "GetManagedObjects", serial=serial)
+        except NetworkManagerError as exc:
+            log.warning("cannot read NetworkManager's objects at once (%s); asking for each as needed", exc)
 
     def forget(self, settings_path: Optional[str] = None) -> None:
         """Drop what is remembered of one profile (None: of all, and the devices' hints)."""
@@ -215,6 +247,9 @@ class NetworkManagerBus:
             answers = list(await asyncio.gather(*(self._answer(request) for request in requests)))
 
     async def _answer(self, request: nmfacts.Request) -> nmfacts.Answer:
+        kept = self.mirror.answer(*request) if self.mirror is not None else None
+        if kept is not None:
+            return kept
         try:
             if request[1] == SETTINGS_CONN:
                 return await self._settings_answer(request[0])
