@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from .config import Defaults
 
 RP_FILTER = {"off": 0, "strict": 1, "loose": 2}
+#: the per-interface IPv4 sysctls a policy may set (scoped.py finds their recorded originals by them)
+SYSCTL_KEYS = SRC_VALID_MARK, RP_FILTER_KEY = ("src_valid_mark", "rp_filter")
 MAIN_TABLE = 254
 _IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
@@ -333,9 +335,9 @@ def entries_for(conn: Connection, policy: Policy, alloc: Allocation) -> KernelSt
                 marks.add(Mark(direction, iface, alloc.fwmark.value, alloc.fwmark.mask))
     if 4 in families:
         if alloc.fwmark is not None and policy.src_valid_mark:
-            sysctls.add(Sysctl("ipv4", iface, "src_valid_mark", 1))
+            sysctls.add(Sysctl("ipv4", iface, SRC_VALID_MARK, 1))
         if policy.rp_filter != "keep":
-            sysctls.add(Sysctl("ipv4", iface, "rp_filter", RP_FILTER[policy.rp_filter]))
+            sysctls.add(Sysctl("ipv4", iface, RP_FILTER_KEY, RP_FILTER[policy.rp_filter]))
     state = KernelState(frozenset(rules), frozenset(routes), frozenset(marks), frozenset(sysctls))
     return state | apps.entries(conn, policy, alloc, families)
 

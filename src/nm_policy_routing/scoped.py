@@ -19,8 +19,8 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .errors import PolicyRoutingError
-from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, replace
-from .planner import plan
+from .model import Allocation, Connection, ConnectionPlan, ForeignUsage, Fwmark, KernelState, Sysctl, replace
+from .planner import SYSCTL_KEYS, plan
 from .record import (Record, allocation_from_json, allocation_to_json, connection_from_json, connection_to_json,
                      locked, policy_from_json, policy_to_json)
 from .recordfiles import generation
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from .reconcile import Engine, Result
 
 log = logging.getLogger(__name__)
-
-#: the sysctls a policy sets on its interface (planner.entries_for), as the record names them
-_SYSCTL_SLOTS = tuple(f"ipv4/{{}}/{key}" for key in ("src_valid_mark", "rp_filter"))
 
 
 class _Union:
@@ -129,7 +126,7 @@ class _Held:
 
 def _slots(originals: Dict[str, int], ifaces: Iterable[str], wanted: KernelState) -> Set[str]:
     """The recorded sysctl originals of these interfaces, and the slots ``wanted`` sets."""
-    candidates = {pattern.format(iface) for iface in ifaces for pattern in _SYSCTL_SLOTS}
+    candidates = {slot(Sysctl("ipv4", iface, key, 0)) for iface in ifaces for key in SYSCTL_KEYS}
     return {key for key in candidates if key in originals} | {slot(s) for s in wanted.sysctls}
 
 
