@@ -21,7 +21,7 @@ import time
 
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
-from nm_policy_routing.adapters.rtnl import _attrs  # the same netlink attribute walk
+from nm_policy_routing.adapters.nlwire import nl_attrs  # the same netlink attribute walk
 
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x40, 0x80
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
@@ -38,12 +38,12 @@ def parse(data: bytes, table: int):
         body = data[offset + 16:offset + length]
         offset += (length + 3) & ~3
         if msg_type in (RTM_NEWROUTE, RTM_DELROUTE) and len(body) >= 12:
-            proto, attrs = body[5], _attrs(body, 12)
+            proto, attrs = body[5], nl_attrs(body, 12)
             tid = struct.unpack("=I", attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else body[4]
             if proto == 214 and tid == table:
                 yield "route", msg_type == RTM_NEWROUTE
         elif msg_type in (RTM_NEWRULE, RTM_DELRULE) and len(body) >= 12:
-            attrs = _attrs(body, 12)
+            attrs = nl_attrs(body, 12)
             proto = attrs.get(FRA_PROTOCOL, b"\0")[0]
             tid = struct.unpack("=I", attrs[FRA_TABLE])[0] if FRA_TABLE in attrs else body[4]
             if proto == 214 and tid == table:

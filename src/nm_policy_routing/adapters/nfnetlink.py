@@ -20,6 +20,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import NFT_TABLE
+from .nlwire import nl_attr, nl_attrs, nl_messages
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
@@ -32,11 +33,6 @@ NFT_MSG_NEWGEN, NFT_MSG_GETGEN, NFTA_GEN_ID, NFTA_GEN_PROC_PID = 15, 16, 1, 2
 #: nftables messages whose first attribute (type 1) is the table name
 NFT_MSG_NAMES = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule",
                  9: "newset", 11: "delset", 12: "newsetelem", 14: "delsetelem"}
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
 
 
 def _message(msg_type: int, flags: int, body: bytes, seq: int = 1) -> bytes:
@@ -55,7 +51,7 @@ def conntrack_socket() -> socket.socket:
 def flush_conntrack_mark(value: int, mask: int, sock: Optional[socket.socket] = None) -> None:
     """Delete every conntrack entry with (ct mark & mask) == value; ENOENT (none) is fine."""
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-    body += _attr(CTA_MARK, struct.pack(">I", value)) + _attr(CTA_MARK_MASK, struct.pack(">I", mask))
+    body += nl_attr(CTA_MARK, struct.pack(">I", value)) + nl_attr(CTA_MARK_MASK, struct.pack(">I", mask))
     msg = _message((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, body)
     own = sock is None
     sock = conntrack_socket() if sock is None else sock
@@ -77,7 +73,7 @@ def nft_generation(sock: socket.socket) -> int:
     """The ruleset's generation id, asked on ``sock`` (a :func:`conntrack_socket`)."""
     sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST,
                        struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)))
-    for msg_type, payload in _messages(sock.recv(65536)):
+    for msg_type, _flags, _seq, payload in nl_messages(sock.recv(65536)):
         if msg_type == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
             generation = _u32_attr(payload, NFTA_GEN_ID)
             if generation is not None:
@@ -89,33 +85,15 @@ def nft_generation(sock: socket.socket) -> int:
 
 
 def _ack(reply: bytes) -> int:
-    for msg_type, payload in _messages(reply):
+    for msg_type, _flags, _seq, payload in nl_messages(reply):
         if msg_type == NLMSG_ERROR:
             return -struct.unpack("=i", payload[:4])[0]
     return 0
 
 
-def _messages(data: bytes) -> Iterator[Tuple[int, bytes]]:
-    offset = 0
-    while offset + 16 <= len(data):
-        length, msg_type = struct.unpack_from("=IH", data, offset)
-        if length < 16:
-            break
-        yield msg_type, data[offset + 16:offset + length]
-        offset += (length + 3) & ~3
-
-
 def _first_string_attr(payload: bytes) -> str:
     """Attribute 1 after the 4-byte nfgenmsg: the table name in nftables messages."""
-    offset = 4
-    while offset + 4 <= len(payload):
-        length, kind = struct.unpack_from("=HH", payload, offset)
-        if length < 4:
-            break
-        if kind & 0x3FFF == 1:
-            return payload[offset + 4:offset + length].split(b"\0", 1)[0].decode(errors="replace")
-        offset += (length + 3) & ~3
-    return ""
+    return nl_attrs(payload, 4).get(1, b"").split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _gen_pid(payload: bytes) -> Optional[int]:
@@ -125,15 +103,8 @@ def _gen_pid(payload: bytes) -> Optional[int]:
 
 def _u32_attr(payload: bytes, wanted: int) -> Optional[int]:
     """A big-endian 32-bit attribute after the 4-byte nfgenmsg."""
-    offset = 4
-    while offset + 4 <= len(payload):
-        length, kind = struct.unpack_from("=HH", payload, offset)
-        if length < 4:
-            break
-        if kind & 0x3FFF == wanted and length >= 8:
-            return struct.unpack_from(">I", payload, offset + 4)[0]
-        offset += (length + 3) & ~3
-    return None
+    raw = nl_attrs(payload, 4).get(wanted, b"")
+    return struct.unpack_from(">I", raw)[0] if len(raw) >= 4 else None
 
 
 class NftWatch:
@@ -160,7 +131,7 @@ class NftWatch:
                 return [("overrun", NFT_TABLE)]
             raise
         out = []
-        for msg_type, payload in _messages(data):
+        for msg_type, _flags, _seq, payload in nl_messages(data):
             if msg_type >> 8 != NFNL_SUBSYS_NFTABLES:
                 continue
             if msg_type & 0xFF == NFT_MSG_NEWGEN:

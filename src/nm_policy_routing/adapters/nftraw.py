@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import KernelError, NotPermittedError
 from ..model import NFT_TABLE
-from .nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLMSG_ERROR, _attr
-from .rtnl import _messages
+from .nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLMSG_ERROR
+from .nlwire import nl_attr, nl_messages
 
 NFPROTO_INET = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
@@ -43,23 +43,23 @@ class Unsupported(Exception):
 
 
 def _nest(kind: int, *parts: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(parts))
+    return nl_attr(kind | NLA_F_NESTED, b"".join(parts))
 
 
 def _str(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
+    return nl_attr(kind, text.encode() + b"\0")
 
 
 def _be32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack(">I", value & U32))
+    return nl_attr(kind, struct.pack(">I", value & U32))
 
 
 def _value(kind: int, raw: bytes) -> bytes:
-    return _nest(kind, _attr(1, raw))  # NFTA_DATA_VALUE
+    return _nest(kind, nl_attr(1, raw))  # NFTA_DATA_VALUE
 
 
 def _verdict(kind: int, code: int, chain: Optional[str] = None) -> bytes:
-    inner = _attr(1, struct.pack(">i", code)) + (_str(2, chain) if chain else b"")  # NFTA_VERDICT_CODE, _CHAIN
+    inner = nl_attr(1, struct.pack(">i", code)) + (_str(2, chain) if chain else b"")  # NFTA_VERDICT_CODE, _CHAIN
     return _nest(kind, _nest(2, inner))  # NFTA_DATA_VERDICT
 
 
@@ -243,7 +243,7 @@ class NftBatch:
         waiting = dict(zip(seqs, cmds))
         failed: List[Tuple[int, Any]] = []
         while waiting:
-            for kind, _flags, seq, body in _messages(self.sock.recv(1 << 16)):
+            for kind, _flags, seq, body in nl_messages(self.sock.recv(1 << 16)):
                 if kind == NLMSG_ERROR and seq in waiting:
                     code = -struct.unpack_from("=i", body)[0]
                     cmd = waiting.pop(seq)

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 from ..errors import KernelError, NotPermittedError
 from ..model import RT_PROTO, ForeignUsage, Fwmark, Route, Rule
 from ..owners import rule_owner
+from .nlwire import HDR, nl_attr, nl_attrs, nl_messages
 
 NETLINK_ROUTE, SOL_NETLINK, NETLINK_GET_STRICT_CHK = 0, 270, 12
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
@@ -47,41 +48,11 @@ FAMILY_OF = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 _RESERVED_TABLES = {0, 253, 254, 255}
 U32 = 0xFFFFFFFF
-_HDR = struct.Struct("=IHHII")
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg and fib_rule_hdr have the same layout
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
-
-
 def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack("=I", value))
-
-
-def _attrs(data: bytes, offset: int) -> Dict[int, bytes]:
-    out: Dict[int, bytes] = {}
-    end = len(data)
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
-def _messages(data: bytes, with_portid: bool = False) -> Iterator[tuple]:
-    """(type, flags, seq, body[, sender's portid]) of each message in a datagram."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, msg_type, flags, seq, portid = _HDR.unpack_from(data, offset)
-        if length < 16:
-            break
-        body = data[offset + 16:offset + length]
-        yield (msg_type, flags, seq, body, portid) if with_portid else (msg_type, flags, seq, body)
-        offset += (length + 3) & ~3
+    return nl_attr(kind, struct.pack("=I", value))
 
 
 def _ifindex(name: str) -> Optional[int]:
@@ -107,15 +78,15 @@ def rule_message(rule: Rule) -> bytes:
     flags = FIB_RULE_FIND_SADDR if rule.uid_start >= 0 and rule.family == 6 and rule.src else 0
     body = _RTMSG.pack(AF[rule.family], 0, rule.src_len if rule.src else 0, 0, table if table < 256 else 0,
                        0, 0, FR_ACT_TO_TBL, flags)
-    body += _u32(FRA_PRIORITY, rule.priority) + _u32(FRA_TABLE, table) + _attr(FRA_PROTOCOL, bytes([RT_PROTO]))
+    body += _u32(FRA_PRIORITY, rule.priority) + _u32(FRA_TABLE, table) + nl_attr(FRA_PROTOCOL, bytes([RT_PROTO]))
     if rule.fwmask:
         body += _u32(FRA_FWMARK, rule.fwmark) + _u32(FRA_FWMASK, rule.fwmask)
     if rule.src:
-        body += _attr(FRA_SRC, socket.inet_pton(AF[rule.family], rule.src))
+        body += nl_attr(FRA_SRC, socket.inet_pton(AF[rule.family], rule.src))
     if rule.iif:
-        body += _attr(FRA_IIFNAME, rule.iif.encode() + b"\0")
+        body += nl_attr(FRA_IIFNAME, rule.iif.encode() + b"\0")
     if rule.uid_start >= 0:
-        body += _attr(FRA_UID_RANGE, struct.pack("=II", rule.uid_start, rule.uid_end))
+        body += nl_attr(FRA_UID_RANGE, struct.pack("=II", rule.uid_start, rule.uid_end))
     return body
 
 
@@ -130,18 +101,18 @@ def route_message(route: Route, oif: int) -> bytes:
                        RTN_UNICAST, 0)
     body += _u32(RTA_TABLE, table) + _u32(RTA_OIF, oif)
     if dst_len:
-        body += _attr(RTA_DST, socket.inet_pton(family, prefix))
+        body += nl_attr(RTA_DST, socket.inet_pton(family, prefix))
     if route.gateway:
-        body += _attr(RTA_GATEWAY, socket.inet_pton(family, route.gateway))
+        body += nl_attr(RTA_GATEWAY, socket.inet_pton(family, route.gateway))
     if route.prefsrc:
-        body += _attr(RTA_PREFSRC, socket.inet_pton(family, route.prefsrc))
+        body += nl_attr(RTA_PREFSRC, socket.inet_pton(family, route.prefsrc))
     return body
 
 
 def parse_rule(family: int, body: bytes) -> Tuple[Rule, int]:
     """(Rule, protocol) of an RTM_NEWRULE message."""
     _fam, _dst_len, src_len, _tos, table, _r1, _r2, _action, _flags = _RTMSG.unpack_from(body)
-    attrs = _attrs(body, _RTMSG.size)
+    attrs = nl_attrs(body, _RTMSG.size)
     if FRA_TABLE in attrs:
         table = struct.unpack("=I", attrs[FRA_TABLE])[0]
     fwmark = struct.unpack("=I", attrs[FRA_FWMARK])[0] if FRA_FWMARK in attrs else 0
@@ -160,7 +131,7 @@ def parse_rule(family: int, body: bytes) -> Tuple[Rule, int]:
 def parse_route(family: int, body: bytes, names: Dict[Optional[int], str]) -> Tuple[Route, int]:
     """(Route, protocol) of an RTM_NEWROUTE message."""
     _fam, dst_len, _src_len, _tos, table, proto, _scope, _type, _flags = _RTMSG.unpack_from(body)
-    attrs = _attrs(body, _RTMSG.size)
+    attrs = nl_attrs(body, _RTMSG.size)
     if RTA_TABLE in attrs:
         table = struct.unpack("=I", attrs[RTA_TABLE])[0]
     af = AF[family]
@@ -209,10 +180,10 @@ class Rtnl:
     def dump(self, msg_type: int, body: bytes) -> List[Tuple[int, bytes]]:
         """(type, body) of every message a dump request returns."""
         seq = self._next_seq()
-        self.sock.send(_HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        self.sock.send(HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
         out: List[Tuple[int, bytes]] = []
         while True:
-            for kind, _flags, got, payload in _messages(self.sock.recv(1 << 20)):
+            for kind, _flags, got, payload in nl_messages(self.sock.recv(1 << 20)):
                 if got != seq:
                     continue
                 if kind in (NLMSG_DONE, NLMSG_ERROR):
@@ -235,11 +206,11 @@ class Rtnl:
         seqs = [self._next_seq() for _ in requests]
         last = seqs[-1]
         self.sock.send(b"".join(
-            _HDR.pack(16 + len(body), kind, flags | NLM_F_REQUEST | (NLM_F_ACK if seq == last else 0), seq, 0) + body
+            HDR.pack(16 + len(body), kind, flags | NLM_F_REQUEST | (NLM_F_ACK if seq == last else 0), seq, 0) + body
             for seq, (kind, flags, body) in zip(seqs, requests)))
         answers: Dict[int, Tuple[int, str]] = {}
         while last not in answers:
-            for kind, flags, seq, payload in _messages(self.sock.recv(1 << 20)):
+            for kind, flags, seq, payload in nl_messages(self.sock.recv(1 << 20)):
                 if kind == NLMSG_ERROR and len(payload) >= 4:
                     answers[seq] = (-struct.unpack_from("=i", payload)[0], _ext_ack(flags, payload))
         return [answers.get(seq, (0, "")) for seq in seqs]
@@ -283,7 +254,7 @@ class Rtnl:
                 if kind != RTM_NEWROUTE or payload[5] == RT_PROTO:  # rtm_protocol
                     continue
                 table = payload[4]  # rtm_table; tables past 255 only in RTA_TABLE
-                if table == RT_TABLE_COMPAT and RTA_TABLE in (attrs := _attrs(payload, _RTMSG.size)):
+                if table == RT_TABLE_COMPAT and RTA_TABLE in (attrs := nl_attrs(payload, _RTMSG.size)):
                     table = struct.unpack("=I", attrs[RTA_TABLE])[0]
                 out.add(table)
         return out
@@ -320,7 +291,7 @@ class Rtnl:
                     continue
                 if struct.unpack_from("=I", payload, 4)[0] != index:
                     continue  # without strict checking the kernel does not filter
-                attrs = _attrs(payload, 8)
+                attrs = nl_attrs(payload, 8)
                 raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
                 if raw:
                     out.append((socket.inet_ntop(AF[family], raw), payload[1]))
@@ -349,7 +320,7 @@ class Rtnl:
                     continue
                 if index and struct.unpack_from("=I", payload, 4)[0] != index:
                     continue  # without strict checking the kernel does not filter
-                attrs = _attrs(payload, 8)
+                attrs = nl_attrs(payload, 8)
                 flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] if IFA_FLAGS in attrs else payload[2]
                 raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
                 if raw and flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
@@ -439,7 +410,7 @@ def _ext_ack(flags: int, payload: bytes) -> str:
         return ""
     length = struct.unpack_from("=I", payload, 4)[0]  # the request echoed: its header only (NETLINK_CAP_ACK)
     offset = 4 + (16 if flags & NLM_F_CAPPED else length)
-    text = _attrs(payload, offset).get(NLMSGERR_ATTR_MSG, b"")
+    text = nl_attrs(payload, offset).get(NLMSGERR_ATTR_MSG, b"")
     return text.split(b"\0", 1)[0].decode(errors="replace")
 
 

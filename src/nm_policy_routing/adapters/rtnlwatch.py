@@ -13,9 +13,10 @@ import struct
 from typing import Callable, List, NamedTuple, Optional
 
 from ..model import RT_PROTO
+from .nlwire import nl_attrs, nl_messages
 from .rtnl import (_RTMSG, FAMILY_OF, FRA_PROTOCOL, IFA_ADDRESS, IFA_F_DADFAILED, IFA_F_TENTATIVE, IFA_FLAGS,
                    IFA_LOCAL, NETLINK_ROUTE, RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_DELRULE, RTM_NEWADDR,
-                   RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE, _attrs, _ifname, _messages)
+                   RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE, _ifname)
 
 
 class RtnlWatch:
@@ -49,7 +50,7 @@ class RtnlWatch:
             raise
         out = []
         ours = self.ignore_portid()
-        for kind, _flags, _seq, body, portid in _messages(data, with_portid=True):
+        for kind, _flags, _seq, body, portid in nl_messages(data, with_portid=True):
             if ours is not None and portid == ours:
                 continue
             if kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 16:
@@ -60,7 +61,7 @@ class RtnlWatch:
             elif kind == RTM_DELADDR:
                 out.append(WatchEvent("an address was removed", False, True, False, False))
             elif kind == RTM_NEWADDR and len(body) >= 8:
-                attrs = _attrs(body, 8)
+                attrs = nl_attrs(body, 8)
                 flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] if IFA_FLAGS in attrs else body[2]
                 raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
                 if raw and body[0] in FAMILY_OF and not flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
@@ -70,7 +71,7 @@ class RtnlWatch:
                 out.append(WatchEvent(f"{'RTM_DELROUTE' if kind == RTM_DELROUTE else 'RTM_NEWROUTE'} of ours",
                                       kind == RTM_DELROUTE, True, False, False))
             elif kind in (RTM_NEWRULE, RTM_DELRULE) and len(body) >= 12:
-                mine = _attrs(body, _RTMSG.size).get(FRA_PROTOCOL, b"\0")[:1] == bytes([RT_PROTO])
+                mine = nl_attrs(body, _RTMSG.size).get(FRA_PROTOCOL, b"\0")[:1] == bytes([RT_PROTO])
                 out.append(WatchEvent("RTM_DELRULE of ours" if mine and kind == RTM_DELRULE else "a rule changed",
                                       mine and kind == RTM_DELRULE, False, True, False))
         return out
