@@ -34,12 +34,12 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .model import (MATCH_KINDS, Address, Allocation, App, Connection, ExtraRoute, Fwmark, KernelState, Policy,
                     real_gateway)
-from .recordfiles import (OVERLAYS, Stamp, Tracked, apply_overlays, count_save, overlay_name, read_overlays, stamp_of,
-                          write_atomic)
+from .recordfiles import (OVERLAYS, Stamp, Tracked, apply_overlays, count_save, event_name, event_seq, generation,
+                          read_overlays, remove_leftovers, stamp_of, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Record:
         self.damaged: Optional[str] = None
         #: the state.json the per-entry files apply to (None: none on disk yet)
         self.base: Optional[Stamp] = None
-        #: the per-entry files on disk that apply to it, and those that are stale
+        #: the files of saves on disk that apply to it, and those that are stale
         self._overlays: set = set()
         self._stale: set = set()
 
@@ -261,7 +261,7 @@ class Record:
         path = os.path.join(directory, "state.json")
         problem = None
         base: Optional[Stamp] = None
-        overlays: Dict[str, Dict[str, Any]] = {}
+        overlays: List[Tuple[str, List[Dict[str, Any]]]] = []
         stale: set = set()
         try:
             with _reading(directory):
@@ -273,7 +273,7 @@ class Record:
                     data = {}
                 overlays, stale = read_overlays(directory, base, _SECTIONS)
             if base is not None:
-                apply_overlays(data, overlays.values())
+                apply_overlays(data, (entries for _, entries in overlays))
                 problem = damage(data)
         except (OSError, ValueError, AttributeError) as exc:
             problem = f"unreadable: {exc}"
@@ -285,7 +285,7 @@ class Record:
             record.damaged = problem
             return record
         record = cls(directory, data)
-        record.base, record._overlays, record._stale = base, set(overlays), stale
+        record.base, record._overlays, record._stale = base, {name for name, _ in overlays}, stale
         return record
 
     def _set_aside(self) -> None:
@@ -325,26 +325,33 @@ class Record:
             except FileNotFoundError:
                 pass
         self._overlays, self._stale = set(), set()
+        remove_leftovers(self.directory)
         for section in _SECTIONS:
             self.data[section] = Tracked(self.data[section])
 
     def _save_changes(self) -> bool:
-        """The changed entries, one file each; False when the whole record must be written."""
+        """The changed entries, in one file (one event's changes are saved all or none); False
+        when the whole record must be written."""
         sections = [self.data[s] for s in _SECTIONS]
         if self.base is None or not all(isinstance(s, Tracked) for s in sections):
             return False
-        names = {(section, key): overlay_name(section, key) for section in _SECTIONS
-                 for key in self.data[section].changed}
-        if len(self._overlays) + len(names) > OVERLAY_SLACK + 2 * len(self.data["connections"]):
+        if len(self._overlays) >= OVERLAY_SLACK + 2 * len(self.data["connections"]):
             return False  # fold them into state.json (amortized: one full save per many events)
+        entries = []
+        for section in _SECTIONS:
+            for key in sorted(self.data[section].changed):
+                entry: Dict[str, Any] = {"section": section, "key": key}
+                if key in self.data[section]:
+                    entry["value"] = self.data[section][key]
+                entries.append(entry)
         folder = os.path.join(self.directory, OVERLAYS)
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-        base = list(self.base)
-        for (section, key), name in names.items():
-            item: Dict[str, Any] = {"base": base, "section": section, "key": key}
-            if key in self.data[section]:
-                item["value"] = self.data[section][key]
-            write_atomic(folder, name, json.dumps(item, separators=(",", ":"), sort_keys=True))
+        if entries:
+            os.makedirs(folder, mode=0o755, exist_ok=True)
+            # after every file on disk: the saves' count, unless a file says more (a lock file re-made)
+            seq = 1 + max([generation(self.directory)] + [event_seq(n) for n in self._overlays | self._stale])
+            name = event_name(seq)
+            write_atomic(folder, name, json.dumps({"base": list(self.base), "entries": entries},
+                                                  separators=(",", ":"), sort_keys=True))
             self._overlays.add(name)
         for name in self._stale - self._overlays:  # (once after another process wrote state.json whole)
             try:

@@ -1,9 +1,11 @@
-"""The record's files: ``state.json`` and the per-entry files beside it, each written atomically.
+"""The record's files: ``state.json`` and the saves since it was last written whole, each file
+written atomically.
 
-``state.d/<section>.<key>`` holds one entry of the record saved since ``state.json`` was
-last written whole, with the stamp (inode, size, mtime) of the ``state.json`` it applies
-to; an entry without a value was removed. The lock file's first 8 bytes count the saves.
-What the entries mean and how they are checked is record.py's job.
+``state.d/event.<n>`` holds what one save changed (one event's entries, all or none of them),
+with the stamp (inode, size, mtime) of the ``state.json`` it applies to; the files apply in
+the order of ``n``, and an entry without a value was removed. (0.3.0 wrote one file per entry,
+``state.d/<section>.<key>``: read as older than any event file.) The lock file's first 8 bytes
+count the saves. What the entries mean and how they are checked is record.py's job.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-#: the directory of the per-entry files saved since the last full save
+#: the directory of the files saved since the last full save
 OVERLAYS = "state.d"
+EVENT = "event."
 
 
 class Tracked(dict):
@@ -64,31 +67,44 @@ def stamp_of(st: os.stat_result) -> Stamp:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def overlay_name(section: str, key: str) -> str:
-    return f"{section}.{key.replace('%', '%25').replace('/', '%2F')}"
+def event_name(seq: int) -> str:
+    return f"{EVENT}{seq:012d}"
 
 
-def read_overlays(directory: str, base: Optional[Stamp], sections: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], set]:
-    """name -> content of the per-entry files that apply to ``base``, and the names of stale ones.
-    An unreadable file makes the record damaged (ValueError)."""
-    found: Dict[str, Dict[str, Any]] = {}
+def event_seq(name: str) -> int:
+    """The order of a file in state.d (0: 0.3.0's per-entry files, older than any event)."""
+    return int(name[len(EVENT):]) if name.startswith(EVENT) else 0
+
+
+Entry = Dict[str, Any]
+
+
+def read_overlays(directory: str, base: Optional[Stamp],
+                  sections: Sequence[str]) -> Tuple[List[Tuple[str, List[Entry]]], set]:
+    """(name, entries) of the files that apply to ``base``, in the order they were saved, and the
+    names of stale ones. An unreadable file makes the record damaged (ValueError)."""
+    found: List[Tuple[int, str, List[Entry]]] = []
     stale = set()
     try:
         names = os.listdir(os.path.join(directory, OVERLAYS))
     except FileNotFoundError:
-        return found, stale
+        return [], stale
     for name in names:
         if name.startswith("."):
             continue  # a temp file of a save that did not finish
         with open(os.path.join(directory, OVERLAYS, name)) as handle:
             item = json.load(handle)
-        if not isinstance(item, dict) or item.get("section") not in sections or not isinstance(item.get("key"), str):
+        entries = (item.get("entries") if name.startswith(EVENT) else [item]) if isinstance(item, dict) else None
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and e.get("section") in sections and isinstance(e.get("key"), str)
+                for e in entries):
             raise ValueError(f"{OVERLAYS}/{name} is not a record entry")
         if base is None or item.get("base") != list(base):
             stale.add(name)
         else:
-            found[name] = item
-    return found, stale
+            found.append((event_seq(name), name, entries))
+    found.sort()
+    return [(name, entries) for _, name, entries in found], stale
 
 
 def write_atomic(directory: str, name: str, text: str) -> None:
@@ -113,6 +129,22 @@ def write_atomic(directory: str, name: str, text: str) -> None:
         raise
 
 
+def remove_leftovers(directory: str) -> None:
+    """Remove the temp files of saves that were interrupted (killed): the caller holds the lock,
+    so no save is under way."""
+    for folder in (directory, os.path.join(directory, OVERLAYS)):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith(".state."):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except FileNotFoundError:
+                    pass
+
+
 def generation(directory: str) -> int:
     """How many saves the record of ``directory`` has seen (kept in the lock file; 0: none known)."""
     try:
@@ -133,15 +165,16 @@ def count_save(directory: str) -> None:
         os.close(fd)
 
 
-def apply_overlays(data: Any, overlays: Iterable[Dict[str, Any]]) -> None:
-    """Put the per-entry files' entries into the record's content (an entry without a value was removed)."""
+def apply_overlays(data: Any, overlays: Iterable[List[Entry]]) -> None:
+    """Put the saved entries into the record's content, in order (an entry without a value was removed)."""
     if not isinstance(data, dict):
         return  # damage() reports it
-    for item in overlays:
-        section = data.setdefault(item["section"], {})
-        if not isinstance(section, dict):
-            return
-        if "value" in item:
-            section[item["key"]] = item["value"]
-        else:
-            section.pop(item["key"], None)
+    for entries in overlays:
+        for item in entries:
+            section = data.setdefault(item["section"], {})
+            if not isinstance(section, dict):
+                return
+            if "value" in item:
+                section[item["key"]] = item["value"]
+            else:
+                section.pop(item["key"], None)

@@ -1,7 +1,7 @@
-"""The record on disk: 0.2.0's single state.json is read as it is, one connection's changes are
-saved as files of their own (state.d/) that loading applies, a full save folds them into
-state.json, and files that name another state.json (an older process wrote it whole) are
-ignored and removed."""
+"""The record on disk: 0.2.0's single state.json is read as it is, one event's changes are
+saved in one file of their own (state.d/), all or none, that loading applies in order (and
+0.3.0's one file per entry before them), a full save folds them into state.json, and files
+that name another state.json (an older process wrote it whole) are ignored and removed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 from nm_policy_routing.model import Allocation, Fwmark
 from nm_policy_routing.record import Record, allocation_to_json, damage
-from nm_policy_routing.recordfiles import OVERLAYS, generation
+from nm_policy_routing.recordfiles import OVERLAYS, event_name, generation
 
 SVC = "5e1f0000-0000-4000-8000-0000000000b1"
 NEW = "5e1f0000-0000-4000-8000-0000000000c2"
@@ -48,12 +48,15 @@ def _one_event(tmp_path) -> Record:
     return record
 
 
-def test_a_020_record_takes_one_connections_changes_in_files_of_their_own(tmp_path) -> None:
+def test_a_020_record_takes_one_events_changes_in_a_file_of_their_own(tmp_path) -> None:
     count = generation(str(tmp_path))
     _one_event(tmp_path)
     assert (tmp_path / "state.json").read_text() == STATE_020, "state.json is not rewritten per event"
-    assert _overlays(tmp_path) == ["allocations." + NEW, "connections." + NEW, "sysctls.ipv4%2Feth1%2Frp_filter",
-                                   "sysctls.ipv4%2Feth2%2Fsrc_valid_mark"]
+    assert _overlays(tmp_path) == [event_name(count + 1)]
+    saved = json.loads((tmp_path / OVERLAYS / event_name(count + 1)).read_text())
+    assert [(e["section"], e["key"], "value" in e) for e in saved["entries"]] == [
+        ("connections", NEW, True), ("allocations", NEW, True), ("sysctls", "ipv4/eth1/rp_filter", False),
+        ("sysctls", "ipv4/eth2/src_valid_mark", True)]
     assert generation(str(tmp_path)) == count + 1, "another process keeping the record sees the save"
     again = Record.load(str(tmp_path))
     assert again.damaged is None
@@ -87,13 +90,65 @@ def test_files_naming_another_state_json_are_ignored_and_removed(tmp_path) -> No
     assert record.data["outcomes"][SVC]["status"] == "error"
     record.data["outcomes"][SVC] = dict(record.data["outcomes"][SVC], status="ok")
     record.save(changes_only=True)
-    assert _overlays(tmp_path) == ["outcomes." + SVC], "the stale files are gone"
+    assert _overlays(tmp_path) == [event_name(generation(str(tmp_path)))], "the stale file is gone"
     assert Record.load(str(tmp_path)).data["outcomes"][SVC]["status"] == "ok"
+
+
+def test_later_events_win_and_an_interrupted_save_leaves_none_of_its_event(tmp_path, monkeypatch) -> None:
+    _one_event(tmp_path)
+    record = Record.load(str(tmp_path))
+    record.data["allocations"].pop(NEW)
+    record.data["outcomes"][NEW] = {"errors": [], "id": "new", "iface": "eth2", "status": "ok", "time": 1.0}
+    record.save(changes_only=True)
+    again = Record.load(str(tmp_path))
+    assert NEW not in again.allocations() and NEW in again.data["outcomes"], "the later event wins"
+    # killed while saving the next event, at its second file rename: none of it, or all of it, is seen
+    from nm_policy_routing import recordfiles
+
+    renames, real_replace = [], os.replace
+
+    def killed_at_second(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    again.data["connections"].pop(NEW)
+    again.data["sysctls"].pop("ipv4/eth2/src_valid_mark")
+    monkeypatch.setattr(recordfiles.os, "replace", killed_at_second)
+    try:
+        again.save(changes_only=True)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    after = Record.load(str(tmp_path))
+    assert (NEW in after.connections()) == ("ipv4/eth2/src_valid_mark" in after.sysctl_originals()), \
+        "an event is saved all or none"
+    (tmp_path / OVERLAYS / ".state.event.000000000009.4242.4243").write_text('{"base": [')  # as a SIGKILL leaves it
+    after.save()
+    assert _overlays(tmp_path) == [], "a full save removes what an interrupted save left"
+
+
+def test_a_030_record_with_one_file_per_entry_is_read_before_newer_events(tmp_path) -> None:
+    (tmp_path / "state.json").write_text(STATE_020)
+    st = os.stat(tmp_path / "state.json")
+    base = [st.st_ino, st.st_size, st.st_mtime_ns]
+    os.makedirs(tmp_path / OVERLAYS)
+    for key, value in ((NEW, allocation_to_json(ALLOC)), (SVC, allocation_to_json(ALLOC))):  # as 0.3.0 wrote them
+        (tmp_path / OVERLAYS / ("allocations." + key)).write_text(
+            json.dumps({"base": base, "section": "allocations", "key": key, "value": value}))
+    record = Record.load(str(tmp_path))
+    assert record.damaged is None and record.allocations() == {SVC: ALLOC, NEW: ALLOC}
+    record.data["allocations"].pop(NEW)
+    record.save(changes_only=True)
+    assert Record.load(str(tmp_path)).allocations() == {SVC: ALLOC}, "the newer event wins over 0.3.0's file"
+    record.save()
+    assert _overlays(tmp_path) == [] and Record.load(str(tmp_path)).allocations() == {SVC: ALLOC}
 
 
 def test_a_damaged_entry_file_sets_the_whole_record_aside(tmp_path) -> None:
     _one_event(tmp_path)
-    (tmp_path / OVERLAYS / ("allocations." + NEW)).write_text("{not json")
+    (tmp_path / OVERLAYS / _overlays(tmp_path)[0]).write_text("{not json")
     record = Record.load(str(tmp_path))
     assert record.damaged and "unreadable" in record.damaged and record.connections() == {}
     bad = json.loads(STATE_020)
