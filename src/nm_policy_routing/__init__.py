@@ -6,4 +6,4 @@ This module stays import-light on purpose: the dispatcher hook imports it on
 every NetworkManager event.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
