@@ -131,9 +131,11 @@ def _all_active() -> List[Connection]:
     return syncbus.drive(nmfacts.active_connections())
 
 
-def _rebuild(action: str, uuid: str, engine: Engine) -> Optional[str]:
+def _rebuild(action: str, uuid: str, engine: Engine, own: Optional[Connection] = None) -> Optional[str]:
     """A damaged record knows no other connection: one event would remove their policies as
-    stale. Re-apply every active connection instead (None: record fine or NetworkManager silent)."""
+    stale. Re-apply every active connection instead (None: record fine or NetworkManager silent).
+    ``own``: the event's facts for its connection (on ``pre-up`` its active connection shows no
+    addresses over D-Bus yet: the list alone would plan it empty)."""
     from .record import Record
 
     if not Record.load(engine.directory).damaged:
@@ -143,8 +145,8 @@ def _rebuild(action: str, uuid: str, engine: Engine) -> Optional[str]:
     except NetworkManagerError as exc:
         log.warning("cannot list the active connections to rebuild the record (%s)", exc)
         return None
-    if action in REMOVE:
-        conns = [c for c in conns if c.uuid != uuid]
+    if action in REMOVE or own is not None:
+        conns = [c for c in conns if c.uuid != uuid] + ([own] if own is not None else [])
     result = engine.reconcile(conns)
     _tell(result)
     if result.waiting and not getattr(engine, "dry_run", False):
@@ -195,9 +197,6 @@ def handle(iface: str, action: str, env: Mapping[str, str], make_engine: Callabl
     if bus_ok and state not in (ACTIVATING, ACTIVATED):
         return f"{action} for {uuid}: stale (no longer active), ignored"
     engine = make_engine()
-    rebuilt = _rebuild(action, uuid, engine) if bus_ok else None
-    if rebuilt:
-        return rebuilt
     user = user_data_from_env(env) or (dict(bus_facts.user_data) if bus_facts else None)
     if user is None and not bus_ok:
         log.error("%s: %s: cannot read its policy (no CONNECTION_USER_* variables and no D-Bus); "
@@ -212,6 +211,9 @@ def handle(iface: str, action: str, env: Mapping[str, str], make_engine: Callabl
         from .model import replace
 
         conn = replace(conn, iface=env["VPN_IP_IFACE"])
+    rebuilt = _rebuild(action, uuid, engine, own=conn) if bus_ok else None
+    if rebuilt:
+        return rebuilt
     if conn is None:
         return f"{action} for {uuid}: no facts, nothing to do"
     result = engine.ensure(conn)

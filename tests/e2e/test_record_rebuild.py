@@ -44,3 +44,22 @@ def test_hook_event_after_damage_keeps_every_connection(lab: Lab) -> None:
         assert Seed.tcp(world.seed, Seed.SERVICE4)
     finally:
         world.close()
+
+
+def test_a_pre_up_after_damage_installs_its_own_policy_before_activated(lab: Lab) -> None:
+    """The rebuild on a real pre-up installs the activating connection's policy before ACTIVATED
+    and keeps the other's. (1.42 already lists its addresses then; 1.52 may not, the case
+    test_cli_pure's rebuild test holds the event's own facts to.)"""
+    world = World(lab, hook=True)
+    try:
+        world.nm.seed_keyfiles(user_service=SEED, user_mgmt=MGMT)
+        world.nm.up("mgmt")
+        assert world.wait_rules(lambda rules: {r.get("table") for r in rules} == {"200"})
+        with open(os.path.join(world.state_dir, "state.json"), "w") as handle:
+            json.dump({"version": 1, "connections": "garbage"}, handle)
+        (seen,) = world.watch_activations(1)
+        assert seen["rule"] and seen["route"], f"service's policy came after ACTIVATED: {seen}"
+        assert glob.glob(os.path.join(world.state_dir, "state.json.damaged-*")), "the pre-up rebuilt the record"
+        assert {r.get("table") for r in world.our_rules()} == {"200"}, "mgmt kept its policy throughout"
+    finally:
+        world.close()

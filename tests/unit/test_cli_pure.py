@@ -167,3 +167,28 @@ def test_only_a_down_asks_networkmanager_whether_it_is_stale(tmp_path, monkeypat
     outcome = dispatch.handle("eth1", action, {"CONNECTION_UUID": "u1", "CONNECTION_ID": "c"}, lambda: engine)
     assert asked == (["u1"] if asks else [])
     assert removed == ([] if asks else ["u1"]), outcome
+
+
+def test_a_rebuild_on_pre_up_plans_the_connection_with_its_own_facts(tmp_path, monkeypatch) -> None:
+    """A damaged record is rebuilt from every active connection; the one activating (pre-up) may
+    show no addresses over D-Bus yet (1.52): the event's own facts for it, never its empty ones."""
+    from types import SimpleNamespace
+
+    from nm_policy_routing import dispatch
+    from nm_policy_routing.adapters.nmfacts import ACTIVATING
+    from nm_policy_routing.model import Address, Connection
+    from nm_policy_routing.reconcile import Result
+
+    policy = (("nm-policy-routing.enable", "yes"),)
+    listed = [Connection(uuid="u1", id="svc", iface="eth1", user_data=policy),  # activating: no addresses yet
+              Connection(uuid="u2", id="mgmt", iface="eth0", addresses=(Address("10.0.0.2", 24),), user_data=policy)]
+    own = Connection(uuid="u1", id="svc", iface="eth1", addresses=(Address("10.0.1.2", 24),), gateway4="10.0.1.1",
+                     user_data=policy)
+    (tmp_path / "state.json").write_text('{"version": 1, "connections": "garbage"}')
+    planned = []
+    monkeypatch.setattr(dispatch, "_from_bus", lambda uuid, with_facts: (ACTIVATING, own))
+    monkeypatch.setattr(dispatch, "_all_active", lambda: listed)
+    engine = SimpleNamespace(directory=str(tmp_path), reconcile=lambda conns: planned.append(conns) or Result())
+    outcome = dispatch.handle("eth1", "pre-up", {"CONNECTION_UUID": "u1", "CONNECTION_ID": "svc"}, lambda: engine)
+    assert "rebuilt from 2 active connections" in outcome
+    assert sorted(planned[0], key=lambda c: c.uuid) == [own, listed[1]]
