@@ -1,5 +1,5 @@
 """Runs inside the bench namespace: time the engine for N connections (in-process, like the daemon:
-its resident kernel, its imports).
+its resident kernel, its imports, its mirror of NetworkManager's objects).
 
 usage: scale_worker.py N STATE_DIR  -> JSON on stdout
 (NPR_PROFILE=PATH: the first from-scratch reconcile is profiled with cProfile into PATH.N)
@@ -12,8 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import nm_policy_routing.daemon  # noqa: F401  (the daemon's imports, for a representative RSS)
+from nm_policy_routing.adapters.nmfacts import ACTIVE, DEVICE, IP4CONFIG, IP6CONFIG, NM
+from nm_policy_routing.adapters.nmmirror import Mirror
 from nm_policy_routing.adapters.resident import Resident, trim_heap
 from nm_policy_routing.model import Address, Connection
 from nm_policy_routing.reconcile import Engine
@@ -31,6 +34,31 @@ def conn(i: int) -> Connection:
     return Connection(uuid=f"00000000-0000-4000-8000-{i:012d}", id=f"c{i}", iface=f"v{i}",
                       addresses=(Address(f"10.{100 + a}.{b}.2", 24),), gateway4=f"10.{100 + a}.{b}.1",
                       user_data=policy)
+
+
+def nm_mirror(n: int) -> Mirror:
+    """The daemon's mirror of NetworkManager's objects (nmmirror.py), loaded as GetManagedObjects
+    would: for each connection its device, active connection and two IP configurations."""
+    nm = "/org/freedesktop/NetworkManager"
+    objects = {nm: {NM: {"ActiveConnections": [f"{nm}/ActiveConnection/{i}" for i in range(n)],
+                         "Devices": [f"{nm}/Devices/{i}" for i in range(n)], "Startup": False}}}
+    for i in range(n):
+        c = conn(i)
+        device, active = f"{nm}/Devices/{i}", f"{nm}/ActiveConnection/{i}"
+        ip4, ip6 = f"{nm}/IP4Config/{i}", f"{nm}/IP6Config/{i}"
+        objects[device] = {DEVICE: {"Interface": c.iface, "IpInterface": c.iface, "ActiveConnection": active,
+                                    "Ip4Config": ip4, "Ip6Config": ip6, "Driver": "veth", "Mtu": 1500}}
+        objects[active] = {ACTIVE: {"Uuid": c.uuid, "Id": c.id, "State": 2, "StateFlags": 0, "Type": "802-3-ethernet",
+                                    "Vpn": False, "Devices": [device], "Ip4Config": ip4, "Ip6Config": ip6,
+                                    "Connection": f"{nm}/Settings/{i}", "Default": False}}
+        objects[ip4] = {IP4CONFIG: {"AddressData": [{"address": c.addresses[0].ip, "prefix": 24}],
+                                    "Gateway": c.gateway4, "RouteData": []}}
+        objects[ip6] = {IP6CONFIG: {"AddressData": [{"address": f"fd00:{i:x}::2", "prefix": 64}],
+                                    "Gateway": f"fd00:{i:x}::1", "RouteData": []}}
+    mirror = Mirror(lambda value: value)
+    mirror.expect(1)
+    mirror.on_message(SimpleNamespace(reply_serial=1, error_name=None, sender=":1.1", body=[objects]))
+    return mirror
 
 
 def timed(fn) -> float:
@@ -121,7 +149,9 @@ def main() -> None:
     out["full_reconcile_fallbacks"] = len(fallbacks)
     out["one_up_s"] = statistics.median(ups)
     out["one_down_s"] = statistics.median(downs)
+    mirror = nm_mirror(n)  # what the daemon keeps of NetworkManager's objects for n connections
     out["rss_kb"] = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+    assert len(mirror) == 4 * n + 1
     engine.flush()
     for name in [*batches.values(), g.name]:
         os.unlink(name)

@@ -27,6 +27,7 @@ Why it is sound:
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from ..errors import NetworkManagerError
@@ -46,6 +47,15 @@ KEPT: Dict[str, frozenset] = {
 }
 
 Key = Tuple[str, str]  # (object path, interface)
+
+
+def _shared(value: Any) -> Any:
+    """One string per object path: each is named by several objects (and keys them)."""
+    if isinstance(value, str):
+        return sys.intern(value) if value.startswith("/") else value
+    if isinstance(value, list):
+        return [_shared(item) for item in value]
+    return value
 
 
 class Mirror:
@@ -108,8 +118,9 @@ class Mirror:
         for interface, props in interfaces.items():
             kept = KEPT.get(interface)
             if kept is not None:
-                self._objects[(path, interface)] = {n: self._plain(v) for n, v in props.items() if n in kept}
-                self._unsure.discard((path, interface))
+                key = (sys.intern(path), interface)
+                self._objects[key] = {n: _shared(self._plain(v)) for n, v in props.items() if n in kept}
+                self._unsure.discard(key)
 
     def _changed(self, path: str, interface: str, changed: Dict[str, Any], invalidated: Any) -> None:
         kept = KEPT.get(interface)
@@ -122,7 +133,7 @@ class Mirror:
             return
         for name, value in changed.items():
             if name in kept:
-                props[name] = self._plain(value)
+                props[name] = _shared(self._plain(value))
         if any(name in kept for name in invalidated):
             self._unsure.add(key)
 
