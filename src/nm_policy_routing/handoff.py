@@ -12,8 +12,9 @@ The dispatcher hook connects to ``handoff.sock`` in the state directory, writes 
 
 Security: the socket is mode 0600 and the daemon checks the peer's credentials
 (SO_PEERCRED): only root (or the daemon's own user) may ask. The request carries only
-an action, an interface and a UUID; the daemon re-reads every fact from NetworkManager,
-so a forged request can at most make it reconcile what NetworkManager already says.
+an action, an interface and a UUID; the daemon takes every fact from NetworkManager (its
+replies and its own signals, nmmirror.py), so a forged request can at most make it
+reconcile what NetworkManager already says.
 """
 
 from __future__ import annotations

@@ -89,12 +89,13 @@ class Targeted:
     async def find(self, request: Request, scan: bool) -> Optional[Tuple[Connection, int]]:
         """(facts, state) of the active connection ``request`` names; None if it is not active.
 
-        The usual case takes one round trip to NetworkManager: the active connection this UUID
-        last had (learnt from its signals or an earlier event), its device and the IP
-        configurations the device last had, asked together; the profile's user data is
-        remembered between edits (NetworkManagerBus.remember). A new activation not yet seen
-        takes two: the device of the interface (its active connection and IP configurations),
-        then that connection with them."""
+        The usual case takes no round trip to NetworkManager: its objects are mirrored from
+        its signals (nmmirror.py) and the profile's user data is remembered between edits
+        (NetworkManagerBus.remember). The path: the active connection this UUID last had
+        (learnt from its signals or an earlier event), else the device of the interface and
+        its active connection. Without the mirror (not loaded, or NetworkManager restarting)
+        each step is one round trip: the connection, its device and the IP configurations the
+        device last had are asked together."""
         tried = set()
         known = self._paths.get(request.uuid)
         if known:

@@ -162,10 +162,10 @@ class NetworkManagerBus:
         """Keep NetworkManager's objects as its signals describe them (nmmirror.py; loaded by
         refresh()), and each profile's user data until NetworkManager signals that it changed
         (Settings.Connection ``Updated``/``Removed``) or restarts, so an event needs no
-        round trip. The user data is kept only after a reply: sound because one sender's messages arrive in order: the
-        signals NetworkManager sent before answering a call are handled (synchronously, by
-        dbus-next's reader) before the caller resumes with the answer, so what is kept after
-        a reply of NetworkManager reflects every edit it had made by then; an answer to
+        round trip. The user data is kept from a reply of NetworkManager: sound because one
+        sender's messages arrive in order, the signals it sent before answering a call are
+        handled (synchronously, by dbus-next's reader) before the caller resumes with the
+        answer, so what is kept reflects every edit it had made by then; an answer to
         GetSettings that started before an edit was signalled is used once, not kept."""
         self._profiles = {}
         self.mirror = Mirror(_plain)
