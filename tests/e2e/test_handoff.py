@@ -111,6 +111,29 @@ def test_a_hung_daemon_does_not_block_the_hook(world: World) -> None:
         os.kill(world.daemon.pid, signal.SIGCONT)
 
 
+def test_a_handed_over_event_needs_no_round_trip_to_networkmanager(world: World) -> None:
+    """The daemon answers from its mirror of NetworkManager's objects (kept by NetworkManager's
+    signals) and the profile's remembered user data: with NetworkManager frozen, a handed-over
+    pre-down and pre-up of the active connection still get their verified result, and the
+    pre-up installs the policy with the connection's address and gateway."""
+    world.nm.up("service")
+    assert world.wait_rules(lambda rules: len(rules) == 1)
+    time.sleep(1)  # let the daemon finish what the activation's signals asked for
+    env = world.event_env(SERVICE_UUID)
+    env["NM_POLICY_ROUTING_HANDOFF_SECONDS"] = "3"
+    nm = world.nm.nm_pid
+    os.kill(nm, signal.SIGSTOP)
+    try:
+        for action, rules in (("pre-down", 0), ("pre-up", 1)):
+            proc = world.host.run(HOOK, "eth1", action, env=env, check=False, timeout=60)
+            assert proc.returncode == 0 and not proc.stderr, f"{action}: {proc.stderr}"
+            assert len(world.our_rules()) == rules, f"{action}: {world.daemon_tail()}"
+        defaults = [r for r in world.our_routes() if r["dst"] == "default"]
+        assert [(r.get("gateway"), r.get("prefsrc")) for r in defaults] == [("10.0.1.1", "10.0.1.2")], defaults
+    finally:
+        os.kill(nm, signal.SIGCONT)
+
+
 def _tables(world: World) -> set:
     return {r.get("table") for r in world.our_rules()}
 
