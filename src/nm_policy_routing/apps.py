@@ -133,7 +133,9 @@ def _waiting_note(conn: Connection, mark: SockMark, unsupported: bool) -> str:
     if unsupported:
         return (f"connection {conn.label} on {conn.iface}: {mark.target} is not routed: this machine has no "
                 "cgroup2 hierarchy (units and cgroups need cgroup v2; users work)")
-    what = "the unit is not running" if mark.target.startswith("unit:") else "the cgroup does not exist"
-    return (f"connection {conn.label} on {conn.iface}: {mark.target} waits: {what}; its sockets are marked "
-            "at the first reconcile after it exists ('nm-policy-routing apply', or the daemon's next re-sync)")
-
+    if mark.target.startswith("unit:"):
+        return (f"connection {conn.label} on {conn.iface}: {mark.target} waits: the unit is not running; its "
+                "sockets are marked when it starts (the daemon follows systemd; without the daemon, at the next "
+                "'nm-policy-routing apply')")
+    return (f"connection {conn.label} on {conn.iface}: {mark.target} waits: the cgroup does not exist; its sockets "
+            "are marked at the first reconcile after it exists ('nm-policy-routing apply', or the daemon's next re-sync)")

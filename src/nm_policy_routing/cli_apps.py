@@ -45,7 +45,8 @@ def cgroup_support() -> str:
 
 
 def check_apps(policy: Policy, label: str) -> List[str]:
-    """At ``set``: unknown units are errors (PolicyError); returns warnings about what will not work."""
+    """At ``set``: unknown units are errors (PolicyError), but for a scope (transient: it exists only
+    while it runs); returns warnings about what will not work now."""
     from .adapters import cgroups
 
     if not any(a.needs_cgroup for a in policy.apps):
@@ -57,6 +58,9 @@ def check_apps(policy: Policy, label: str) -> List[str]:
         state = cgroups.unit_property(app.value, "LoadState")
         if state is None:
             warnings.append(f"cannot ask systemd about {app}: systemd is not running here")
+        elif state == "not-found" and app.value.endswith(".scope"):
+            warnings.append(f"{app.target} does not exist now (a scope exists only while it runs): its sockets "
+                            "are marked when it starts")
         elif state == "not-found":
             problems.append(f"nm-policy-routing.apps={app.target!r}: unknown unit {app.value!r}; "
                             "accepted: a unit systemd knows ('systemctl status NAME')")

@@ -11,7 +11,8 @@ NetworkManager's bus name. While it follows NetworkManager, the daemon holds
 there: the dispatcher hook hands each event over and waits for the verified result
 (handoff.py, targeted.py), so on ``pre-up`` the policy is in the kernel before
 NetworkManager reports the connection activated. All engine work runs on one worker
-thread, in order.
+thread, in order. systemd's ``JobRemoved`` (when systemd is on the bus) re-syncs when a
+unit that a policy's ``apps`` lists, and that was waiting for its cgroup, has started.
 
 A lost bus (dbus-daemon died or stopped answering) is noticed at once (the connection
 ends) or by the heartbeat (a ping without answer): the daemon logs it, lets go of
@@ -49,6 +50,9 @@ SAFETY_RESYNC_SECONDS = 60
 HEARTBEAT_SECONDS = 15.0
 #: reconnect delays after a bus loss: doubling from the first to the last
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+#: systemd's manager on the system bus: its JobRemoved says when a unit listed in apps started
+SYSTEMD, SYSTEMD_PATH = "org.freedesktop.systemd1", "/org/freedesktop/systemd1"
+SYSTEMD_MANAGER = SYSTEMD + ".Manager"
 _IP_KEYS = {"Ip4Config", "Ip6Config", "State", "IpInterface", "ActiveConnections", "AddressData", "Gateway",
             "Startup"}
 
@@ -115,6 +119,8 @@ class Daemon:
         #: monotonic time the running re-sync started, None when idle (the heartbeat checks it)
         self._busy_since: Optional[float] = None
         self._told: Dict[str, Tuple[str, ...]] = {}  # errors last logged per connection (story.tell)
+        #: systemd's unique bus name, when its unit jobs are followed (_follow_units)
+        self._systemd: Optional[str] = None
 
     # ---- signal intake -------------------------------------------------
 
@@ -122,6 +128,9 @@ class Daemon:
         from dbus_next import MessageType
 
         if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "JobRemoved" and msg.interface == SYSTEMD_MANAGER:
+            self._unit_done(msg)
             return
         if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
             if msg.body and msg.body[0] == NM:
@@ -141,6 +150,16 @@ class Daemon:
             taken = self.targeted.takes(msg) if self.targeted is not None else False
             if taken is False:
                 self.schedule(f"{msg.interface}.{msg.member} on {msg.path}")
+
+    def _unit_done(self, msg: Any) -> None:
+        """systemd finished a job: a unit listed in a policy's ``apps`` that was waiting for its
+        cgroup has started, so its sockets are marked now (a re-sync), not at the next periodic one."""
+        if msg.sender != self._systemd or len(msg.body) != 4:
+            return
+        _id, _job, unit, outcome = msg.body
+        if outcome == "done" and f"unit:{unit}" in self.engine.waiting_apps:
+            log.info("unit %s, listed in a policy's apps, started: marking its sockets", unit)
+            self.schedule(f"unit {unit} started")
 
     def schedule(self, why: str) -> None:
         """Ask for a resync (thread-safe); bursts collapse into one."""
@@ -331,6 +350,7 @@ class Daemon:
             await nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
                                f"arg0='{NM}'")
             self.owner = await nm.name_owner()
+            await self._follow_units(nm)
         except BaseException:
             nm.disconnect()
             raise
@@ -338,6 +358,18 @@ class Daemon:
         if self.targeted is not None:  # NetworkManager's object paths may mean other things now
             self.targeted.nm = nm
             self.targeted.forget()
+
+    async def _follow_units(self, nm: NetworkManagerBus) -> None:
+        """Subscribe to systemd's ``JobRemoved``: a unit listed in ``apps`` that starts after its
+        connection came up is marked when it starts (without systemd: at the next re-sync)."""
+        try:
+            await nm.add_match(f"type='signal',sender='{SYSTEMD}',interface='{SYSTEMD_MANAGER}',member='JobRemoved'")
+            await nm.call(SYSTEMD_PATH, SYSTEMD_MANAGER, "Subscribe", destination=SYSTEMD, timeout=5.0)
+            self._systemd = await nm.name_owner(SYSTEMD)
+        except NetworkManagerError as exc:
+            self._systemd = None
+            log.debug("not following systemd's unit jobs (%s): a unit listed in apps that starts later "
+                      "is marked at the next re-sync", exc)
 
     async def _connect_with_backoff(self) -> bool:
         """Connect, retrying with growing delays; False if asked to stop meanwhile."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import contextmanager
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Set,
-                    Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Protocol,
+                    Sequence, Set, Tuple, Union)
 
 from . import apps
 from .caveats import caveats
@@ -113,6 +113,9 @@ class Engine:
         self.dry_run = dry_run
         self._defaults = defaults
         self._kernel_factory = kernel_factory
+        #: the apps targets (``unit:NAME``, ``cgroup:/PATH``) that the last full reconcile left
+        #: waiting for their cgroup (the daemon re-syncs when systemd says such a unit started)
+        self.waiting_apps: FrozenSet[str] = frozenset()
 
     def keep_kernel(self, factory: Callable[[], Kernel]) -> None:
         """Use ``factory`` for every call's kernel (the daemon keeps one open across events)."""
@@ -232,6 +235,8 @@ class Engine:
         foreign = kernel.foreign()
         the_plan = plan(planned, foreign, previous, self.defaults(), cache)
         settled, app_notes = apps.settle(kernel, the_plan.connections)  # a unit not running: nothing to mark
+        if not self.dry_run:
+            self.waiting_apps = frozenset(apps.targets(the_plan.connections) - apps.targets(settled))
         before = before | apps.read(kernel, apps.targets(settled), record.data)
         result.owner = owners_of(known_before, previous, the_plan.connections)
         used = {cp.policy for cp in the_plan.connections if cp.policy is not None}

@@ -46,6 +46,7 @@ def apps_steps(m: Machine, seed: Seed, checks: Checks, title: str) -> None:
     try:
         checks.check("the monitoring host's server runs", server.stdout.readline().strip() == "ready")
         _units(m, checks)
+        _late_scope(m, checks)
         _run_via(m, checks)
     finally:
         server.kill()
@@ -88,6 +89,28 @@ def _units(m: Machine, checks: Checks) -> None:
     again = wait_for(lambda: _result(m, "npr-listed"), 20, 0.2)
     checks.check(f"restarted (a new cgroup), it still leaves by eth1 with eth1's address: {again}",
                  bool(again) and again["seen"] == "10.0.1.2")
+
+
+def _late_scope(m: Machine, checks: Checks) -> None:
+    """A unit listed before it runs (a scope: it has no ExecStartPre to mark it): the daemon marks
+    its sockets when systemd's JobRemoved says it started, not at its next periodic re-sync (60 s)."""
+    out = cli(m, "set", "service", "apps", "unit:npr-listed.service,unit:npr-late.scope")
+    show("$ nm-policy-routing set service apps unit:npr-listed.service,unit:npr-late.scope", out.stdout + out.stderr)
+    checks.check("set service apps unit:npr-listed.service,unit:npr-late.scope (no such scope yet): exit 0, "
+                 "a warning that it is marked when it starts", out.returncode == 0 and "when it starts" in out.stderr)
+    waiting = wait_for(lambda: "unit:npr-late.scope waits" in cli(m, "status").stdout, 20, 0.3)
+    checks.check("status: unit:npr-late.scope waits for its cgroup", bool(waiting))
+    before = m.netns.counters("eth1")["tx"]
+    run = m.exec("systemd-run", "--scope", "--unit=npr-late", "--", "sh", "-c",
+                 f"sleep 1; exec python3 /root/peercheck.py connect {Seed.MON4} {PORT}", check=False)
+    show(f"$ systemd-run --scope --unit=npr-late -- sh -c 'sleep 1; python3 peercheck.py connect {Seed.MON4} {PORT}'",
+         run.stdout + run.stderr)
+    answer = json.loads(run.stdout) if run.returncode == 0 and run.stdout.strip() else {}
+    checks.check("the scope's connection, 1 s after it started, leaves by eth1 with eth1's address",
+                 answer.get("local") == answer.get("seen") == "10.0.1.2" and m.netns.counters("eth1")["tx"] > before)
+    logged = m.exec("journalctl", "-u", "nm-policy-routing", "--no-pager", "-o", "cat", check=False).stdout
+    checks.check("the daemon's journal: npr-late.scope started, its sockets marked",
+                 "unit npr-late.scope, listed in a policy's apps, started" in logged)
 
 
 def _run_via(m: Machine, checks: Checks) -> None:

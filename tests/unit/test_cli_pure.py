@@ -192,3 +192,4 @@ def test_a_rebuild_on_pre_up_plans_the_connection_with_its_own_facts(tmp_path, m
     outcome = dispatch.handle("eth1", "pre-up", {"CONNECTION_UUID": "u1", "CONNECTION_ID": "svc"}, lambda: engine)
     assert "rebuilt from 2 active connections" in outcome
     assert sorted(planned[0], key=lambda c: c.uuid) == [own, listed[1]]
+

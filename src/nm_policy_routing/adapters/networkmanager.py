@@ -138,10 +138,10 @@ class NetworkManagerBus:
         kept = self.mirror.device_of(iface) if self.mirror is not None else None
         return kept or (await self.call(NM_PATH, NM, "GetDeviceByIpIface", "s", [iface]))[0]
 
-    async def name_owner(self) -> Optional[str]:
+    async def name_owner(self, name: str = NM) -> Optional[str]:
         try:
             body = await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner", "s",
-                                   [NM], destination="org.freedesktop.DBus")
+                                   [name], destination="org.freedesktop.DBus")
         except NetworkManagerError:
             return None
         return body[0]
