@@ -119,7 +119,8 @@ class Daemon:
         #: monotonic time the running re-sync started, None when idle (the heartbeat checks it)
         self._busy_since: Optional[float] = None
         self._told: Dict[str, Tuple[str, ...]] = {}  # errors last logged per connection (story.tell)
-        #: systemd's unique bus name, when its unit jobs are followed (_follow_units)
+        #: systemd's unique bus name, when its unit jobs are followed (_follow_units; "" while it
+        #: re-executes itself)
         self._systemd: Optional[str] = None
 
     # ---- signal intake -------------------------------------------------
@@ -140,6 +141,9 @@ class Daemon:
                     self.targeted.forget()
                 if self.owner:
                     self.schedule("NetworkManager (re)started")
+            elif msg.body and msg.body[0] == SYSTEMD and self._systemd is not None:
+                # systemd re-executed itself (daemon-reexec): the same subscriber list, a new bus name
+                self._systemd = msg.body[2] or ""
             return
         if not self.owner or msg.sender != self.owner:
             if relevant(msg):
@@ -154,7 +158,7 @@ class Daemon:
     def _unit_done(self, msg: Any) -> None:
         """systemd finished a job: a unit listed in a policy's ``apps`` that was waiting for its
         cgroup has started, so its sockets are marked now (a re-sync), not at the next periodic one."""
-        if msg.sender != self._systemd or len(msg.body) != 4:
+        if not self._systemd or msg.sender != self._systemd or len(msg.body) != 4:
             return
         _id, _job, unit, outcome = msg.body
         if outcome == "done" and f"unit:{unit}" in self.engine.waiting_apps:
@@ -364,6 +368,8 @@ class Daemon:
         connection came up is marked when it starts (without systemd: at the next re-sync)."""
         try:
             await nm.add_match(f"type='signal',sender='{SYSTEMD}',interface='{SYSTEMD_MANAGER}',member='JobRemoved'")
+            await nm.add_match("type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                               f"arg0='{SYSTEMD}'")
             await nm.call(SYSTEMD_PATH, SYSTEMD_MANAGER, "Subscribe", destination=SYSTEMD, timeout=5.0)
             self._systemd = await nm.name_owner(SYSTEMD)
         except NetworkManagerError as exc:

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+from dbus_next import MessageType
+
 from nm_policy_routing.daemon import SYSTEMD_MANAGER, Daemon
 
 
@@ -21,4 +23,20 @@ def test_the_daemon_re_syncs_when_a_listed_unit_that_waited_starts() -> None:
         daemon._unit_done(msg)
     assert asked == []
     daemon._unit_done(job("late.scope"))
+    assert asked == ["unit late.scope started"]
+
+
+def test_systemd_re_executing_itself_is_followed_under_its_new_bus_name() -> None:
+    engine = SimpleNamespace(waiting_apps=frozenset({"unit:late.scope"}), keep_kernel=lambda factory: None)
+    daemon = Daemon(engine)
+    daemon._systemd = ":1.3"
+    asked = []
+    daemon.schedule = asked.append
+    for old, new in ((":1.3", ""), ("", ":1.40")):  # daemon-reexec: it leaves the bus, then comes back
+        daemon._on_message(SimpleNamespace(message_type=MessageType.SIGNAL, member="NameOwnerChanged",
+                                           sender="org.freedesktop.DBus", interface="org.freedesktop.DBus",
+                                           body=["org.freedesktop.systemd1", old, new]))
+    daemon._unit_done(SimpleNamespace(sender=":1.3", body=[7, "/j/7", "late.scope", "done"]))
+    assert asked == [], "the old name is not believed"
+    daemon._unit_done(SimpleNamespace(sender=":1.40", body=[8, "/j/8", "late.scope", "done"]))
     assert asked == ["unit late.scope started"]
