@@ -138,4 +138,5 @@ def _waiting_note(conn: Connection, mark: SockMark, unsupported: bool) -> str:
                 "sockets are marked when it starts (the daemon follows systemd; without the daemon, at the next "
                 "'nm-policy-routing apply')")
     return (f"connection {conn.label} on {conn.iface}: {mark.target} waits: the cgroup does not exist; its sockets "
-            "are marked at the first reconcile after it exists ('nm-policy-routing apply', or the daemon's next re-sync)")
+            "are marked when it appears (the daemon watches for it; without the daemon, at the next "
+            "'nm-policy-routing apply')")

@@ -12,7 +12,8 @@ there: the dispatcher hook hands each event over and waits for the verified resu
 (handoff.py, targeted.py), so on ``pre-up`` the policy is in the kernel before
 NetworkManager reports the connection activated. All engine work runs on one worker
 thread, in order. systemd's ``JobRemoved`` (when systemd is on the bus) re-syncs when a
-unit that a policy's ``apps`` lists, and that was waiting for its cgroup, has started.
+unit that a policy's ``apps`` lists, and that was waiting for its cgroup, has started;
+inotify does when a listed ``cgroup:/PATH`` that did not exist appears (cgroupwatch.py).
 
 A lost bus (dbus-daemon died or stopped answering) is noticed at once (the connection
 ends) or by the heartbeat (a ping without answer): the daemon logs it, lets go of
@@ -122,6 +123,8 @@ class Daemon:
         #: systemd's unique bus name, when its unit jobs are followed (_follow_units; "" while it
         #: re-executes itself)
         self._systemd: Optional[str] = None
+        #: inotify on the cgroup directories listed in apps that do not exist yet
+        self._cgroups: Optional[Any] = None
 
     # ---- signal intake -------------------------------------------------
 
@@ -214,6 +217,7 @@ class Daemon:
             log.exception("unexpected error while reconciling; the daemon keeps running")
             return
         tell(result, self._told)
+        self._arm_cgroups()
         if self.targeted is not None:
             await self.targeted.learn_all()
 
@@ -257,7 +261,37 @@ class Daemon:
             log.exception("unexpected error on %s; the hook acts itself", request)
             return "fallback", "unexpected error in the daemon (see its log)"
         log.info("%s", text)
+        self._arm_cgroups()  # (an event with apps is a full reconcile: what waits may have changed)
         return verdict, text
+
+    # ---- cgroups listed in apps that appear later ------------------------
+
+    def _start_cgroup_watch(self) -> None:
+        from .adapters.cgroupwatch import CgroupWatch
+
+        assert self.loop is not None
+        try:
+            self._cgroups = CgroupWatch()
+        except OSError as exc:
+            log.debug("no inotify (%s): a cgroup listed in apps that appears later waits for the next re-sync", exc)
+            return
+        self.loop.add_reader(self._cgroups.fd, self._cgroup_event)
+
+    def _arm_cgroups(self) -> None:
+        """Watch for the ``cgroup:/PATH`` targets the last full reconcile left waiting."""
+        if self._cgroups is None:
+            return
+        from .adapters.cgroups import cgroup_dir
+
+        paths = {cgroup_dir(t) for t in self.engine.waiting_apps if t.startswith("cgroup:")}
+        if self._cgroups.arm(p for p in paths if p is not None):
+            self.schedule("a cgroup listed in apps exists now")
+
+    def _cgroup_event(self) -> None:
+        if self._cgroups is not None and self._cgroups.appeared():
+            log.info("a cgroup listed in a policy's apps appeared (%s): marking its sockets",
+                     ", ".join(sorted(p for p in self._cgroups.waiting if os.path.isdir(p))))
+            self.schedule("a cgroup listed in apps appeared")
 
     # ---- netlink watch -------------------------------------------------
 
@@ -439,6 +473,7 @@ class Daemon:
             return
         threading.Thread(target=self._watch_netlink, name="netlink-watch", daemon=True).start()
         threading.Thread(target=self._watch_nftables, name="nftables-watch", daemon=True).start()
+        self._start_cgroup_watch()
         tasks = [asyncio.ensure_future(self._safety_net()), asyncio.ensure_future(self._heartbeat())]
         if self.owner:
             await self.resync()
@@ -462,6 +497,9 @@ class Daemon:
             task.cancel()
         await worker
         await self.loop.run_in_executor(self.executor, self.resident.shutdown)
+        if self._cgroups is not None:
+            self.loop.remove_reader(self._cgroups.fd)
+            self._cgroups.close()
         if self.nm is not None:
             self.nm.disconnect()
 

@@ -47,6 +47,7 @@ def apps_steps(m: Machine, seed: Seed, checks: Checks, title: str) -> None:
         checks.check("the monitoring host's server runs", server.stdout.readline().strip() == "ready")
         _units(m, checks)
         _late_scope(m, checks)
+        _late_cgroup(m, checks)
         _run_via(m, checks)
     finally:
         server.kill()
@@ -113,6 +114,28 @@ def _late_scope(m: Machine, checks: Checks) -> None:
     logged = m.exec("journalctl", "-u", "nm-policy-routing", "--no-pager", "-o", "cat", check=False).stdout
     checks.check("the daemon's journal: npr-late.scope started, its sockets marked",
                  "unit npr-late.scope, listed in a policy's apps, started" in logged)
+
+
+def _late_cgroup(m: Machine, checks: Checks) -> None:
+    """A cgroup path listed before it exists (made by something other than systemd): the daemon
+    marks its sockets when it appears (inotify on its parent), not at its next periodic re-sync."""
+    target = "cgroup:/npr-late.d/job"
+    out = cli(m, "set", "service", "apps", f"unit:npr-listed.service,{target}")
+    checks.check(f"set service apps unit:npr-listed.service,{target} (not there yet): exit 0", out.returncode == 0)
+    waiting = wait_for(lambda: f"{target} waits" in cli(m, "status").stdout, 20, 0.3)
+    checks.check(f"status: {target} waits for its cgroup", bool(waiting))
+    before = m.netns.counters("eth1")["tx"]
+    script = ("mkdir -p /sys/fs/cgroup/npr-late.d/job && echo $$ > /sys/fs/cgroup/npr-late.d/job/cgroup.procs && "
+              f"sleep 1 && exec python3 /root/peercheck.py connect {Seed.MON4} {PORT}")
+    run = m.sh(script, check=False)
+    show(f"$ sh -c '{script}'", run.stdout + run.stderr)
+    m.sh("rmdir /sys/fs/cgroup/npr-late.d/job /sys/fs/cgroup/npr-late.d", check=False)
+    answer = json.loads(run.stdout) if run.returncode == 0 and run.stdout.strip() else {}
+    checks.check("the new cgroup's connection, 1 s after it appeared, leaves by eth1 with eth1's address",
+                 answer.get("local") == answer.get("seen") == "10.0.1.2" and m.netns.counters("eth1")["tx"] > before)
+    logged = m.exec("journalctl", "-u", "nm-policy-routing", "--no-pager", "-o", "cat", check=False).stdout
+    checks.check("the daemon's journal: the cgroup appeared, its sockets marked",
+                 "a cgroup listed in a policy's apps appeared (/sys/fs/cgroup/npr-late.d/job)" in logged)
 
 
 def _run_via(m: Machine, checks: Checks) -> None:

@@ -63,18 +63,26 @@ def unit_property(unit: str, prop: str) -> Optional[str]:
 
 def path_of(target: str) -> Optional[str]:
     """The cgroup directory of ``unit:NAME`` or ``cgroup:/PATH`` now, or None if it does not exist."""
-    mount = root()
-    if mount is None:
-        return None
     kind, _, value = target.partition(":")
     if kind == "unit":
         value = unit_property(value, "ControlGroup") or ""
     elif kind != "cgroup":
         return None
-    if not _SAFE.match(value) or "/../" in value + "/" or "/./" in value + "/":
+    path = _under_root(value)
+    return path if path is not None and os.path.isdir(path) else None
+
+
+def cgroup_dir(target: str) -> Optional[str]:
+    """Where the directory of ``cgroup:/PATH`` is (or will be), None for another target."""
+    kind, _, value = target.partition(":")
+    return _under_root(value) if kind == "cgroup" else None
+
+
+def _under_root(value: str) -> Optional[str]:
+    mount = root()
+    if mount is None or not _SAFE.match(value) or "/../" in value + "/" or "/./" in value + "/":
         return None
-    path = mount + value
-    return path if os.path.isdir(path) else None
+    return mount + value
 
 
 # ---- run --via ---------------------------------------------------------------
