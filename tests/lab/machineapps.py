@@ -96,46 +96,44 @@ def _late_scope(m: Machine, checks: Checks) -> None:
     """A unit listed before it runs (a scope: it has no ExecStartPre to mark it): the daemon marks
     its sockets when systemd's JobRemoved says it started, not at its next periodic re-sync (60 s),
     also after systemd re-executed itself."""
-    out = cli(m, "set", "service", "apps", "unit:npr-listed.service,unit:npr-late.scope")
-    show("$ nm-policy-routing set service apps unit:npr-listed.service,unit:npr-late.scope", out.stdout + out.stderr)
-    checks.check("set service apps unit:npr-listed.service,unit:npr-late.scope (no such scope yet): exit 0, "
-                 "a warning that it is marked when it starts", out.returncode == 0 and "when it starts" in out.stderr)
-    waiting = wait_for(lambda: "unit:npr-late.scope waits" in cli(m, "status").stdout, 20, 0.3)
-    checks.check("status: unit:npr-late.scope waits for its cgroup", bool(waiting))
-    m.exec("systemctl", "daemon-reexec")  # systemd comes back with another bus name: still followed
-    before = m.netns.counters("eth1")["tx"]
-    run = m.exec("systemd-run", "--scope", "--unit=npr-late", "--", "sh", "-c",
-                 f"sleep 1; exec python3 /root/peercheck.py connect {Seed.MON4} {PORT}", check=False)
-    show(f"$ systemd-run --scope --unit=npr-late -- sh -c 'sleep 1; python3 peercheck.py connect {Seed.MON4} {PORT}'",
-         run.stdout + run.stderr)
-    answer = json.loads(run.stdout) if run.returncode == 0 and run.stdout.strip() else {}
-    checks.check("the scope's connection, 1 s after it started, leaves by eth1 with eth1's address",
-                 answer.get("local") == answer.get("seen") == "10.0.1.2" and m.netns.counters("eth1")["tx"] > before)
-    logged = m.exec("journalctl", "-u", "nm-policy-routing", "--no-pager", "-o", "cat", check=False).stdout
-    checks.check("the daemon's journal: npr-late.scope started, its sockets marked",
-                 "unit npr-late.scope, listed in a policy's apps, started" in logged)
+    def start() -> subprocess.CompletedProcess:
+        m.exec("systemctl", "daemon-reexec")  # systemd comes back with another bus name: still followed
+        return m.exec("systemd-run", "--scope", "--unit=npr-late", "--", "sh", "-c",
+                      f"sleep 1; exec python3 /root/peercheck.py connect {Seed.MON4} {PORT}", check=False)
+    _marked_when_it_appears(m, checks, "unit:npr-late.scope", start, "(no such scope yet), a warning that it is "
+                            "marked when it starts", "unit npr-late.scope, listed in a policy's apps, started")
 
 
 def _late_cgroup(m: Machine, checks: Checks) -> None:
     """A cgroup path listed before it exists (made by something other than systemd): the daemon
     marks its sockets when it appears (inotify on its parent), not at its next periodic re-sync."""
-    target = "cgroup:/npr-late.d/job"
+    def start() -> subprocess.CompletedProcess:
+        try:
+            return m.sh("mkdir -p /sys/fs/cgroup/npr-late.d/job && echo $$ > /sys/fs/cgroup/npr-late.d/job/cgroup.procs"
+                        f" && sleep 1 && exec python3 /root/peercheck.py connect {Seed.MON4} {PORT}", check=False)
+        finally:
+            m.sh("rmdir /sys/fs/cgroup/npr-late.d/job /sys/fs/cgroup/npr-late.d", check=False)
+    _marked_when_it_appears(m, checks, "cgroup:/npr-late.d/job", start, "(not there yet)",
+                            "a cgroup listed in a policy's apps appeared (/sys/fs/cgroup/npr-late.d/job)")
+
+
+def _marked_when_it_appears(m: Machine, checks: Checks, target: str, start, when_set: str, logged: str) -> None:
+    """List ``target`` in service's apps while it does not exist; ``start()`` makes it and, 1 s
+    later, connects to the monitoring host from it: by eth1 with eth1's address."""
     out = cli(m, "set", "service", "apps", f"unit:npr-listed.service,{target}")
-    checks.check(f"set service apps unit:npr-listed.service,{target} (not there yet): exit 0", out.returncode == 0)
+    show(f"$ nm-policy-routing set service apps unit:npr-listed.service,{target}", out.stdout + out.stderr)
+    warned = "when it starts" in out.stderr if target.startswith("unit:") else True
+    checks.check(f"set service apps unit:npr-listed.service,{target} {when_set}: exit 0", out.returncode == 0 and warned)
     waiting = wait_for(lambda: f"{target} waits" in cli(m, "status").stdout, 20, 0.3)
     checks.check(f"status: {target} waits for its cgroup", bool(waiting))
     before = m.netns.counters("eth1")["tx"]
-    script = ("mkdir -p /sys/fs/cgroup/npr-late.d/job && echo $$ > /sys/fs/cgroup/npr-late.d/job/cgroup.procs && "
-              f"sleep 1 && exec python3 /root/peercheck.py connect {Seed.MON4} {PORT}")
-    run = m.sh(script, check=False)
-    show(f"$ sh -c '{script}'", run.stdout + run.stderr)
-    m.sh("rmdir /sys/fs/cgroup/npr-late.d/job /sys/fs/cgroup/npr-late.d", check=False)
+    run = start()
+    show(f"{target} made; from it 1 s later: peercheck.py connect {Seed.MON4} {PORT}", run.stdout + run.stderr)
     answer = json.loads(run.stdout) if run.returncode == 0 and run.stdout.strip() else {}
-    checks.check("the new cgroup's connection, 1 s after it appeared, leaves by eth1 with eth1's address",
+    checks.check(f"{target}: its connection 1 s after it appeared leaves by eth1 with eth1's address",
                  answer.get("local") == answer.get("seen") == "10.0.1.2" and m.netns.counters("eth1")["tx"] > before)
-    logged = m.exec("journalctl", "-u", "nm-policy-routing", "--no-pager", "-o", "cat", check=False).stdout
-    checks.check("the daemon's journal: the cgroup appeared, its sockets marked",
-                 "a cgroup listed in a policy's apps appeared (/sys/fs/cgroup/npr-late.d/job)" in logged)
+    journal = m.exec("journalctl", "-u", "nm-policy-routing", "--no-pager", "-o", "cat", check=False).stdout
+    checks.check(f"the daemon's journal: {logged}", logged in journal)
 
 
 def _run_via(m: Machine, checks: Checks) -> None:
