@@ -4,6 +4,7 @@ address) and interface names nft would not read literally."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 
@@ -55,6 +56,7 @@ def slaac(seed: Seed):
     finally:
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_several_addresses_in_one_prefix(slaac: Seed, engine) -> None:
