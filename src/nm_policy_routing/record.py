@@ -47,7 +47,7 @@ DEFAULT_DIR = "/run/nm-policy-routing"
 VERSION = 1
 _THREAD_LOCK = threading.RLock()
 _HELD = threading.local()  # .depth: how many locked() this thread is in
-#: a full save (state.json whole) when the per-entry files outnumber this plus twice the connections
+#: a full save (state.json whole) when the files of saves since outnumber this plus twice the connections
 OVERLAY_SLACK = 64
 
 
@@ -246,7 +246,7 @@ class Record:
         self.readonly = False
         #: why the record on disk was not used (it is set aside at the next write), or None
         self.damaged: Optional[str] = None
-        #: the state.json the per-entry files apply to (None: none on disk yet)
+        #: the state.json the files of saves since apply to (None: none on disk yet)
         self.base: Optional[Stamp] = None
         #: the files of saves on disk that apply to it, and those that are stale
         self._overlays: set = set()
