@@ -261,7 +261,6 @@ class Daemon:
             log.exception("unexpected error on %s; the hook acts itself", request)
             return "fallback", "unexpected error in the daemon (see its log)"
         log.info("%s", text)
-        self._arm_cgroups()  # (an event with apps is a full reconcile: what waits may have changed)
         return verdict, text
 
     # ---- cgroups listed in apps that appear later ------------------------
@@ -480,6 +479,7 @@ class Daemon:
         else:
             log.warning("NetworkManager is not running; waiting for it")
         self.targeted = Targeted(self.nm, self.engine, self.executor)
+        self.targeted.after_job = self._arm_cgroups  # an event with apps is a full reconcile: what waits may change
         await self.targeted.learn_all()
         self.handoff = HandoffServer(self.engine.directory, self._on_handoff)
         await self.handoff.start()

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Executor
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .adapters.networkmanager import (ACTIVATED, ACTIVATING, ACTIVE, DEACTIVATED, DEACTIVATING, DEVICE, NM,
                                       PROPS, NetworkManagerBus)
@@ -59,6 +59,8 @@ class Targeted:
         self.decided: Dict[str, float] = {}
         self._rtnl = None  # for the address check, in the loop's thread
         self.scoped = Scoped(engine)
+        #: called in the loop after each engine job of an event (the daemon re-arms its cgroup watch)
+        self.after_job: Callable[[], None] = lambda: None
 
     async def _device_active(self, iface: str) -> Tuple[Optional[str], Optional[str], Dict]:
         """(the active connection on the device of ``iface``, the device's path, its properties);
@@ -168,7 +170,10 @@ class Targeted:
         self.decided[uuid] = max(since, self.decided.get(uuid, since))
 
     async def _engine(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.after_job()
 
     async def active(self, request: Request) -> bool:
         """Does NetworkManager report the connection ``request`` names active (activating or
