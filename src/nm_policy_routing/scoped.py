@@ -8,8 +8,9 @@ the difference is applied with the engine's own steps (sysctls, routes, rules, t
 nft marking as one element-by-element transaction; removal in reverse), read back and
 verified the same way, and the record saves only the entries that changed. The full
 reconcile (reconcile.Engine) stays the reference: whenever this is not the simple case —
-a conflict with another connection, an allocation that would move, an interface another
-connection holds, an error from the kernel — the caller runs the full one.
+a conflict with another connection (or a removal while another was refused for one), an
+allocation that would move, an interface another connection holds, an error from the kernel —
+the caller runs the full one.
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ class Scoped:
             return None  # two connections on one interface: the full plan says who wins
         if _has_apps(self.engine, old):
             return None  # per-application routing (socket programs, cgroups): the full reconcile does it
+        if conn is None and any(isinstance(o, dict) and o.get("status") == "conflict"
+                                for u, o in data["outcomes"].items() if u != uuid):
+            return None  # a connection refused for a conflict may get its policy now: the full plan says
         result = Result()
         cp: Optional[ConnectionPlan] = None
         new = KernelState()
